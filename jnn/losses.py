@@ -1,0 +1,119 @@
+"""Pure loss functions `loss(outputs, labels) -> per-example (or per-element) losses`.
+
+Thin over `optax.losses` wherever optax has the loss. None of these reduce over the batch: the
+train step averages them, weighted by the batch's optional "mask", so a padded batch or a sequence
+mask is handled in one place. `masked_mean` does the same reduction for use outside the step.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0) -> Array:
+    """Cross-entropy with one-hot (or probability) labels. Shapes: (..., C), (..., C) -> (...)."""
+    if label_smoothing:
+        labels = optax.smooth_labels(labels, label_smoothing)
+    return optax.softmax_cross_entropy(logits, labels)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: Array, labels: Array, *, label_smoothing: float = 0.0
+) -> Array:
+    """Cross-entropy with integer class ids. Shapes: (..., C), (...) -> (...).
+
+    With `label_smoothing = a`, the target is `(1 - a) * one_hot + a / C` (as in PyTorch's
+    `CrossEntropyLoss(label_smoothing=a)` and `optax.smooth_labels`).
+    """
+    if label_smoothing:
+        one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+        return softmax_cross_entropy(logits, one_hot, label_smoothing=label_smoothing)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0) -> Array:
+    """Softmax cross-entropy for integer labels (..., ) or one-hot / soft labels (..., C)."""
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return softmax_cross_entropy_with_integer_labels(logits, labels, label_smoothing=label_smoothing)
+    return softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def nll_loss(log_probs: Array, labels: Array) -> Array:
+    """Negative log-likelihood of integer labels under log-probabilities (PyTorch's `nll_loss`).
+
+    Pair it with a model that ends in `log_softmax`. Shapes: (..., C), (...) -> (...).
+    """
+    return -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def binary_cross_entropy_with_logits(logits: Array, labels: Array) -> Array:
+    """Elementwise sigmoid binary cross-entropy; labels in [0, 1] of the logits' shape."""
+    return optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(labels, logits.dtype))
+
+
+def mean_squared_error(predictions: Array, targets: Array) -> Array:
+    """Elementwise squared error; the step's mean of it is PyTorch's `MSELoss()`."""
+    if predictions.shape != jnp.shape(targets):
+        raise ValueError(
+            f"mean_squared_error: predictions have shape {predictions.shape} but targets have shape "
+            f"{jnp.shape(targets)}; expected equal shapes (broadcasting here is almost always a bug). "
+            f"Fix: reshape the targets, e.g. targets[:, None]."
+        )
+    return optax.squared_error(predictions, jnp.asarray(targets, predictions.dtype))
+
+
+def masked_mean(losses: Array, mask: Array | None = None) -> Array:
+    """Mean of `losses` weighted by `mask`, which may cover only the leading axes (e.g. (B,))."""
+    losses = jnp.asarray(losses)
+    if mask is None:
+        return losses.mean()
+    mask = jnp.asarray(mask, losses.dtype)
+    weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (losses.ndim - mask.ndim)), losses.shape)
+    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1e-12)
+
+
+def elbo_loss(outputs: Any, labels: Array) -> Array:
+    """Negative ELBO of a `jnn.models.VAE` (re-exported here; defined beside the model)."""
+    from jnn.models import elbo_loss as _elbo  # the model family owns its loss
+
+    return _elbo(outputs, labels)
+
+
+_LOSSES: dict[str, Callable[..., Array]] = {
+    "cross_entropy": cross_entropy,
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "softmax_cross_entropy_with_integer_labels": softmax_cross_entropy_with_integer_labels,
+    "nll": nll_loss,
+    "nll_loss": nll_loss,
+    "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
+    "bce": binary_cross_entropy_with_logits,
+    "mean_squared_error": mean_squared_error,
+    "mse": mean_squared_error,
+    "elbo": elbo_loss,
+}
+
+
+def names() -> list[str]:
+    """The names `get` accepts."""
+    return sorted(_LOSSES)
+
+
+def get(name: str, **kwargs: Any) -> Callable[[Any, Array], Array]:
+    """The loss function called `name`, with keyword arguments bound (e.g. `label_smoothing`).
+
+    Raises:
+      ValueError: for an unknown name, listing the valid ones.
+    """
+    if name not in _LOSSES:
+        close = difflib.get_close_matches(name, _LOSSES, n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(f"unknown loss {name!r}; expected one of {names()}.{hint}")
+    fn = _LOSSES[name]
+    return functools.partial(fn, **kwargs) if kwargs else fn

@@ -1,0 +1,313 @@
+"""make_train_step / make_eval_step: pure `(state, batch) -> (state, metrics)` functions.
+
+The step is written once and compiled by the caller: `jax.jit` (with `donate_argnums=0`),
+`jax.vmap` (ensembles), `jax.pmap` / `shard_map` (pass `axis_name`: gradients, losses, metrics and
+batch statistics are then reduced across that axis), or `jnn.parallel.data_parallel` (sharded jit).
+
+Batches are dicts with "inputs" and "labels" and optional extra keys; a "mask" key weighs examples
+(1 = counts, 0 = padding), which is how a padded last batch is evaluated exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jnn import losses as losses_lib
+from jnn import metrics as metrics_lib
+from jnn.train.state import TrainState
+
+LossFn = Callable[[Any, jax.Array], jax.Array]
+Batch = Mapping[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch validation: runs on shapes only, so it happens while tracing, before anything compiles.
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _is_classification(spec, labels_shape, labels_dtype) -> bool:
+    """Integer labels with one axis fewer than the model's output: class ids."""
+    if spec is None or not spec.output_shape:
+        return False
+    if not jnp.issubdtype(labels_dtype, jnp.integer):
+        return False
+    return len(labels_shape) == len(spec.output_shape)  # (B, *out[:-1]) vs (*out)
+
+
+def check_batch(state: TrainState, batch: Batch, *, where: str = "train_step") -> None:
+    """Checks a batch against the model the state was created with.
+
+    Shapes, dtypes and keys are checked always (at trace time under `jax.jit`); label values are
+    checked against the number of classes when they are concrete (not traced), so call this on
+    host batches to catch out-of-range labels in jitted code.
+
+    Args:
+      state: a `TrainState` from `create_train_state`.
+      batch: a dict with "inputs" and "labels" (and optionally "mask").
+      where: name used in error messages.
+
+    Raises:
+      ValueError: naming the key, the expected and the received shape/dtype, and the fix.
+    """
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            f"{where}: expected the batch to be a dict with keys 'inputs' and 'labels', got "
+            f"{type(batch).__name__}. Fix: pass {{'inputs': x, 'labels': y}}."
+        )
+    missing = [k for k in ("inputs", "labels") if k not in batch]
+    if missing:
+        raise ValueError(
+            f"{where}: batch is missing key(s) {missing}; expected 'inputs' and 'labels', got keys "
+            f"{sorted(batch)}. Fix: pass {{'inputs': x, 'labels': y, ...}}."
+        )
+    inputs, labels = batch["inputs"], batch["labels"]
+    in_shape, in_dtype = tuple(np.shape(inputs)), jnp.result_type(inputs)
+    spec = state.spec
+    if spec is not None:
+        expected = ("B",) + spec.shape
+        if len(in_shape) != len(expected):
+            raise ValueError(
+                f"{where}: batch['inputs'] has rank {len(in_shape)} (shape {in_shape}); the model was "
+                f"initialised with inputs of shape {_fmt(expected)} (rank {len(expected)}). Fix: reshape "
+                f"the inputs to {_fmt(expected)}, or recreate the state with example inputs of the "
+                f"new shape."
+            )
+        if in_shape[1:] != spec.shape:
+            raise ValueError(
+                f"{where}: batch['inputs'] has shape {in_shape}; expected {_fmt(expected)} (per-example "
+                f"shape {spec.shape}, as in the example inputs given to create_train_state). Fix: "
+                f"resize the inputs, or recreate the state with example inputs of the new shape."
+            )
+        want_kind = jnp.dtype(spec.dtype).kind
+        if in_dtype.kind != want_kind and not {in_dtype.kind, want_kind} <= {"i", "u"}:
+            raise ValueError(
+                f"{where}: batch['inputs'] has dtype {in_dtype}; expected {spec.dtype} (the dtype of "
+                f"the example inputs given to create_train_state). Fix: inputs.astype({spec.dtype!r})."
+            )
+    lab_shape = tuple(np.shape(labels))
+    if not lab_shape or not in_shape or lab_shape[0] != in_shape[0]:
+        raise ValueError(
+            f"{where}: batch['labels'] has shape {lab_shape} but batch['inputs'] has shape "
+            f"{in_shape}; expected the same leading batch size. Fix: pass one label per example."
+        )
+    if "mask" in batch:
+        mask_shape = tuple(np.shape(batch["mask"]))
+        if not mask_shape or mask_shape != lab_shape[: len(mask_shape)]:
+            raise ValueError(
+                f"{where}: batch['mask'] has shape {mask_shape}; expected a prefix of the labels' "
+                f"shape {lab_shape}, e.g. ({lab_shape[0]},). Fix: one weight per example."
+            )
+    lab_dtype = jnp.result_type(labels)
+    if _is_classification(spec, lab_shape, lab_dtype):
+        num_classes = spec.output_shape[-1]
+        if lab_shape[1:] != spec.output_shape[:-1]:
+            raise ValueError(
+                f"{where}: batch['labels'] has shape {lab_shape}; the model outputs "
+                f"{_fmt(('B',) + spec.output_shape)}, so integer labels must have shape "
+                f"{_fmt(('B',) + spec.output_shape[:-1])}."
+            )
+        if _is_concrete(labels) and np.size(labels):
+            lab = np.asarray(labels)
+            lo, hi = int(lab.min()), int(lab.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(
+                    f"{where}: batch['labels'] has values in [{lo}, {hi}]; the model has "
+                    f"{num_classes} output classes, so labels must lie in [0, {num_classes - 1}]. "
+                    f"Fix: remap the labels, or build the model with num_classes={hi + 1}."
+                )
+
+
+def _fmt(shape: tuple) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss reduction and metrics, shared by the train and eval steps.
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_loss(loss_fn: LossFn | str) -> LossFn:
+    """A loss callable, or the `jnn.losses` function of that name."""
+    return losses_lib.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
+
+
+def _weighted_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Sum of `values` weighted by `mask` (broadcast over trailing axes), and the total weight."""
+    values = jnp.asarray(values, jnp.float32) if values.dtype != jnp.float64 else values
+    if values.ndim == 0:
+        if mask is not None:
+            raise ValueError(
+                "the loss function returned a scalar, but the batch has a 'mask', which needs one "
+                "loss per example. Fix: return per-example losses (no mean) from the loss function."
+            )
+        return values, jnp.ones((), values.dtype)
+    if mask is None:
+        return values.sum(), jnp.asarray(values.size, values.dtype)
+    mask = jnp.asarray(mask, values.dtype)
+    weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)), values.shape)
+    return (values * weights).sum(), weights.sum()
+
+
+def _accuracy_counts(outputs, labels, mask) -> tuple[jax.Array, jax.Array] | None:
+    """(correct, count) for classification outputs, or None when accuracy does not apply."""
+    if not isinstance(outputs, jax.Array) or outputs.ndim < 2:
+        return None
+    if jnp.issubdtype(labels.dtype, jnp.integer) and labels.ndim == outputs.ndim - 1:
+        correct = (jnp.argmax(outputs, -1) == labels).astype(jnp.float32)
+    elif labels.shape == outputs.shape and jnp.issubdtype(labels.dtype, jnp.floating):
+        correct = (jnp.argmax(outputs, -1) == jnp.argmax(labels, -1)).astype(jnp.float32)
+    else:
+        return None
+    return _weighted_sum(correct, mask)
+
+
+def _psum(tree, axis_name):
+    return tree if axis_name is None else lax.psum(tree, axis_name)
+
+
+def _step_rngs(state: TrainState, axis_name: str | None) -> dict[str, jax.Array]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:  # different dropout masks on each device's shard of the batch
+        rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    dropout, latent = jax.random.split(rng)
+    return {"dropout": dropout, "latent": latent}
+
+
+def _learning_rate(opt_state) -> jax.Array | None:
+    """The current learning rate if the optimizer state holds one (`optax.inject_hyperparams`)."""
+    try:
+        lr = optax.tree_utils.tree_get(
+            opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array))
+    except KeyError:  # several (e.g. multi_transform with two injected optimizers): ambiguous
+        return None
+    return None if lr is None else jnp.asarray(lr, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps.
+# ----------------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    loss_fn: LossFn | str,
+    *,
+    axis_name: str | None = None,
+    validate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns a pure `train_step(state, batch) -> (new_state, metrics)`.
+
+    Example:
+      >>> step = jax.jit(jnn.make_train_step(optax.softmax_cross_entropy_with_integer_labels),
+      ...                donate_argnums=0)
+      >>> state, metrics = step(state, {"inputs": x, "labels": y})
+
+    Args:
+      loss_fn: `loss_fn(outputs, labels)` returning per-example (or per-element) losses or their
+        mean, e.g. `optax.softmax_cross_entropy_with_integer_labels`; or the name of a
+        `jnn.losses` function ("cross_entropy", "nll", "mse", ...).
+      axis_name: the mapped axis (under `jax.pmap` or `shard_map`) over which gradients, the loss,
+        metrics and batch statistics are reduced. None for single-device or sharded jit.
+      validate: check the batch against the model before tracing (see `check_batch`).
+
+    Returns:
+      `train_step`, whose metrics are scalars: "loss", "grad_norm", "accuracy" (when outputs are
+      class scores and labels class ids or one-hot) and "learning_rate" (when the optimizer
+      exposes one, as `jnn.optim.make_optimizer` and `optax.inject_hyperparams` do).
+    """
+    loss_fn = resolve_loss(loss_fn)
+
+    def train_step(state: TrainState, batch: Batch):
+        if validate:
+            check_batch(state, batch, where="train_step")
+        inputs, labels, mask = batch["inputs"], batch["labels"], batch.get("mask")
+        mode = state.spec.mode_kwargs(True) if state.spec is not None else {}
+        mutable = list(state.model_state)
+        rngs = _step_rngs(state, axis_name)
+
+        def compute_loss(params):
+            variables = {"params": params, **state.model_state}
+            if mutable:
+                outputs, new_model_state = state.apply_fn(variables, inputs, rngs=rngs, mutable=mutable, **mode)
+            else:
+                outputs, new_model_state = state.apply_fn(variables, inputs, rngs=rngs, **mode), {}
+            loss_sum, weight = _weighted_sum(jnp.asarray(loss_fn(outputs, labels)), mask)
+            # Normalise by the weight over all devices so psum(grads) is the global-batch gradient.
+            loss = loss_sum / jnp.maximum(_psum(lax.stop_gradient(weight), axis_name), 1e-12)
+            return loss, (outputs, new_model_state)
+
+        (loss, (outputs, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+        if axis_name is not None:
+            grads = lax.psum(grads, axis_name)
+            loss = lax.psum(loss, axis_name)
+            new_model_state = lax.pmean(new_model_state, axis_name)
+        new_state = state.apply_gradients(grads, model_state=new_model_state if mutable else None)
+
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        counts = _accuracy_counts(outputs, labels, mask)
+        if counts is not None:
+            correct, count = _psum(counts, axis_name)
+            metrics["accuracy"] = correct / jnp.maximum(count, 1.0)
+        lr = _learning_rate(new_state.opt_state)
+        if lr is not None:
+            metrics["learning_rate"] = lr
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    loss_fn: LossFn | str,
+    *,
+    axis_name: str | None = None,
+    confusion: bool = False,
+    top_k: tuple[int, ...] = (),
+    validate: bool = True,
+) -> Callable[[TrainState, Batch], dict[str, Any]]:
+    """Returns a pure `eval_step(state, batch) -> metrics` that runs the model in eval mode.
+
+    The metrics are mergeable accumulators (`jnn.metrics.Average`, `jnn.metrics.ConfusionMatrix`):
+    sum them over batches on device with `jnn.metrics.merge` and read them once at the end with
+    `jnn.metrics.compute`. A "mask" in the batch excludes padding examples exactly.
+
+    Args:
+      loss_fn: as in `make_train_step`.
+      axis_name: mapped axis over which the accumulators are summed (pmap / shard_map).
+      confusion: also accumulate a confusion matrix (classification only).
+      top_k: also accumulate top-k accuracy for each k (classification only).
+      validate: check the batch before tracing.
+
+    Returns:
+      `eval_step` returning a dict with "loss" and, for classification, "accuracy" (plus
+      "top_{k}_accuracy" and "confusion" when asked).
+    """
+    loss_fn = resolve_loss(loss_fn)
+
+    def eval_step(state: TrainState, batch: Batch):
+        if validate:
+            check_batch(state, batch, where="eval_step")
+        inputs, labels, mask = batch["inputs"], batch["labels"], batch.get("mask")
+        mode = state.spec.mode_kwargs(False) if state.spec is not None else {}
+        outputs = state.apply_fn(state.variables, inputs, **mode)
+        out: dict[str, Any] = {"loss": metrics_lib.Average(*_weighted_sum(jnp.asarray(loss_fn(outputs, labels)), mask))}
+        counts = _accuracy_counts(outputs, labels, mask)
+        if counts is not None:
+            out["accuracy"] = metrics_lib.Average(*counts)
+            class_ids = labels if labels.ndim == outputs.ndim - 1 else jnp.argmax(labels, -1)
+            for k in top_k:
+                hits = metrics_lib.top_k_correct(outputs, class_ids, k)
+                out[f"top_{k}_accuracy"] = metrics_lib.Average(*_weighted_sum(hits, mask))
+            if confusion:
+                out["confusion"] = metrics_lib.ConfusionMatrix.from_predictions(
+                    jnp.argmax(outputs, -1), class_ids, outputs.shape[-1], mask)
+        return _psum(out, axis_name)
+
+    return eval_step

@@ -1,0 +1,13 @@
+"""Strict JAX for every test, and 8 fake CPU devices for the parallel tests.
+
+XLA_FLAGS must be set before JAX initialises its backend, so this runs at import time.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Implicit rank promotion hides shape bugs: (B,) + (B, 1) silently becomes (B, B).
+jax.config.update("jax_numpy_rank_promotion", "raise")
