@@ -251,7 +251,7 @@ def make_train_step(
             new_model_state = lax.pmean(new_model_state, axis_name)
         new_state = state.apply_gradients(grads, model_state=new_model_state if mutable else None)
 
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         counts = _accuracy_counts(outputs, labels, mask)
         if counts is not None:
             correct, count = _psum(counts, axis_name)
@@ -261,6 +261,7 @@ def make_train_step(
             metrics["learning_rate"] = lr
         return new_state, metrics
 
+    train_step.axis_name = axis_name  # lets jnn.parallel refuse a step built for another axis
     return train_step
 
 
@@ -310,4 +311,5 @@ def make_eval_step(
                     jnp.argmax(outputs, -1), class_ids, outputs.shape[-1], mask)
         return _psum(out, axis_name)
 
+    eval_step.axis_name = axis_name
     return eval_step

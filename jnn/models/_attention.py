@@ -1,0 +1,86 @@
+"""Multi-head self-attention through ``jax.nn.dot_product_attention``, with rotary positions.
+
+``jax.nn.dot_product_attention`` dispatches to fused kernels (cuDNN flash attention on NVIDIA
+GPUs when ``implementation="cudnn"``, XLA elsewhere), so the same module is fast on every platform.
+It has no attention-probability dropout: models here apply dropout to the residual branches.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+IMPLEMENTATIONS: tuple[str | None, ...] = (None, "xla", "cudnn")
+
+
+def apply_rotary(x: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), "rotate half" layout as GPT-NeoX/Llama.
+
+    Args:
+      x: (B, T, N, H) queries or keys, H even.
+      base: wavelength base of the rotation frequencies.
+
+    Returns:
+      (B, T, N, H) with feature pairs (i, i + H/2) rotated by ``position * base**(-2i/H)``.
+    """
+    _, t, _, h = x.shape
+    half = h // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / h)  # (H/2,)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]  # (T, H/2)
+    cos = jnp.cos(angles)[None, :, None, :].astype(x.dtype)  # (1, T, 1, H/2)
+    sin = jnp.sin(angles)[None, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]  # (B, T, N, H/2) each
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: fused QKV projection, attention, output projection.
+
+    Input: (B, T, C) floats. Output: (B, T, C).
+
+    Attributes:
+      num_heads: attention heads N; C must be divisible by N.
+      causal: mask attention to positions <= the query's (decoder).
+      rotary: rotate queries and keys by their position (no learned position table needed).
+      use_bias: biases on the projections.
+      kernel_init: initialiser of the QKV projection.
+      out_kernel_init: initialiser of the output projection (GPT-2 scales it by depth).
+      implementation: ``None`` (let JAX choose), ``"xla"`` or ``"cudnn"``.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    num_heads: int
+    causal: bool = False
+    rotary: bool = False
+    use_bias: bool = True
+    kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+    out_kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+    implementation: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_heads:
+            raise ValueError(
+                f"SelfAttention expected a width divisible by num_heads={self.num_heads}, "
+                f"received width {c}. Change embed_dim or num_heads."
+            )
+        head_dim = c // self.num_heads
+        if self.rotary and head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, received {head_dim}.")
+        qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=self.use_bias,
+                              kernel_init=self.kernel_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="qkv")(x)  # (B, T, 3, N, H)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each
+        if self.rotary:
+            q, k = apply_rotary(q), apply_rotary(k)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                         implementation=self.implementation)  # (B, T, N, H)
+        return nn.DenseGeneral(c, axis=(-2, -1), use_bias=self.use_bias,
+                               kernel_init=self.out_kernel_init, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name="out")(y)  # (B, T, C)

@@ -1,0 +1,165 @@
+"""Multi-process JAX: `initialize` (jax.distributed with short timeouts) and a local launcher.
+
+A process that loses a peer (never started, crashed) is aborted by the JAX runtime with SIGABRT,
+which Python cannot catch; the timeouts here are short so that happens quickly, and
+`launch_local` owns its children and kills all of them when one fails.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Mapping, Sequence
+
+import jax
+
+DEFAULT_TIMEOUT_S = 120
+
+_ENV = {  # ours first, then JAX's / common launcher names
+    "coordinator_address": ("JNN_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
+    "num_processes": ("JNN_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
+    "process_id": ("JNN_PROCESS_ID", "JAX_PROCESS_ID"),
+}
+
+
+def _from_env(name: str) -> str | None:
+    for key in _ENV[name]:
+        if os.environ.get(key):
+            return os.environ[key]
+    return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int = DEFAULT_TIMEOUT_S,
+               heartbeat_timeout_s: int | None = None, local_device_ids: Sequence[int] | None = None,
+               auto_detect: bool = False) -> bool:
+    """Joins this process to a multi-process JAX run (`jax.distributed.initialize`).
+
+    Call it first thing, before any other JAX call. Arguments not given are read from the
+    environment: `JNN_COORDINATOR` ("host:port" of process 0), `JNN_NUM_PROCESSES`,
+    `JNN_PROCESS_ID`, or JAX's `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` /
+    `JAX_PROCESS_ID`. With none of them set it does nothing (a single-process run) unless
+    `auto_detect`, which lets JAX read a cluster's own variables (SLURM, Open MPI, TPU pods, k8s).
+    On CPU the cross-process collectives use gloo.
+
+    Example:
+      >>> jnn.parallel.initialize("10.0.0.1:1234", num_processes=2, process_id=0, timeout_s=60)
+
+    Args:
+      coordinator_address: "host:port" where process 0 listens.
+      num_processes: total number of processes.
+      process_id: this process's index in `[0, num_processes)`.
+      timeout_s: how long to wait for all processes to connect before failing (JAX's default is
+        300 s; a missing peer then aborts the others after about this long).
+      heartbeat_timeout_s: after how long without a heartbeat a peer is declared dead (default
+        `timeout_s`).
+      local_device_ids: restrict this process to these local accelerators.
+      auto_detect: with nothing given, let JAX detect the cluster environment.
+
+    Returns:
+      True if this process is now part of a multi-process run, False for a single process.
+
+    Raises:
+      ValueError: if only some of address / count / id are given, or they are inconsistent.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    address = coordinator_address or _from_env("coordinator_address")
+    count = num_processes if num_processes is not None else _int(_from_env("num_processes"), "num_processes")
+    index = process_id if process_id is not None else _int(_from_env("process_id"), "process_id")
+    given = {"coordinator_address": address, "num_processes": count, "process_id": index}
+    if all(v is None for v in given.values()) and not auto_detect:
+        return False
+    if not auto_detect and any(v is None for v in given.values()):
+        missing = [k for k, v in given.items() if v is None]
+        raise ValueError(
+            f"initialize: got {given}; missing {missing}. Fix: pass all three, or set "
+            f"JNN_COORDINATOR=host:port, JNN_NUM_PROCESSES and JNN_PROCESS_ID in each process.")
+    if count is not None and index is not None and not 0 <= index < count:
+        raise ValueError(f"initialize: process_id={index} must lie in [0, num_processes={count}). "
+                         f"Fix: number the processes 0..{count - 1}.")
+    if count == 1:
+        return False
+    # Gloo only matters for the CPU client; harmless (and needed for CPU collectives) elsewhere.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        address, count, index, local_device_ids=local_device_ids,
+        initialization_timeout=int(timeout_s),
+        heartbeat_timeout_seconds=int(heartbeat_timeout_s or timeout_s),
+        shutdown_timeout_seconds=int(timeout_s))
+    return True
+
+
+def _int(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"initialize: environment variable for {name} is {value!r}; expected an "
+                         f"integer.") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process: int | None = None,
+                 timeout_s: float | None = None, env: Mapping[str, str] | None = None,
+                 poll_s: float = 0.05) -> int:
+    """Runs `argv` as `num_processes` processes of one JAX run on this machine, and owns them.
+
+    Each child gets `JNN_COORDINATOR=127.0.0.1:<free port>`, `JNN_NUM_PROCESSES` and
+    `JNN_PROCESS_ID` (read by `initialize`) and, with `devices_per_process`, its own fake CPU
+    device count. When a child fails, the others are killed (they would otherwise wait for, or be
+    aborted by, the dead peer); on `timeout_s` all are killed.
+
+    Args:
+      argv: the command, e.g. `[sys.executable, "train.py", "--steps", "10"]`.
+      num_processes: how many processes.
+      devices_per_process: fake CPU devices per process (sets XLA_FLAGS and JAX_PLATFORMS=cpu).
+      timeout_s: wall-clock limit for the whole run.
+      env: extra environment variables for the children.
+      poll_s: how often to check the children.
+
+    Returns:
+      0 if every child exited 0, else the first non-zero exit code (negative: killed by signal),
+      or 124 on timeout.
+    """
+    base = dict(os.environ, **(env or {}))
+    base["JNN_COORDINATOR"] = f"127.0.0.1:{free_port()}"
+    base["JNN_NUM_PROCESSES"] = str(num_processes)
+    if devices_per_process is not None:
+        base["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+        base["JAX_PLATFORMS"] = "cpu"
+    children = []
+    try:
+        for i in range(num_processes):
+            children.append(subprocess.Popen(list(argv), env=dict(base, JNN_PROCESS_ID=str(i)),
+                                             start_new_session=True))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            codes = [c.poll() for c in children]
+            failed = [code for code in codes if code not in (None, 0)]
+            if failed:
+                return failed[0]
+            if all(code == 0 for code in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"launch_local: timed out after {timeout_s} s", file=sys.stderr)
+                return 124
+            time.sleep(poll_s)
+    finally:
+        for child in children:  # only our own children, by pid (each leads its own session)
+            if child.poll() is None:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                child.wait()

@@ -1,0 +1,100 @@
+"""What a parallel wrapper needs from the step and the model: the step's axis, BatchNorm's axis.
+
+`make_train_step(loss, axis_name=...)` marks the step it returns with `.axis_name`, so a wrapper can
+tell a step that reduces over devices from one that does not and refuse the wrong kind instead of
+silently training each device on its own shard.
+
+A model that has a `bn_axis_name` attribute (jnn's ResNets, or any flax module passing it to
+`nn.BatchNorm(axis_name=...)`) is re-bound to the wrapper's device axis inside the compiled step,
+so one `TrainState` runs under sharded jit (no axis: statistics of the global batch), pmap and
+shard_map (statistics averaged over the device axis), and the returned state keeps the caller's
+`apply_fn`, so nothing re-traces.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from jnn.train.step import make_train_step
+
+_UNMARKED = object()
+
+
+def step_axis_name(train_step: Callable) -> Any:
+    """The `axis_name` a `make_train_step` step was built with, or `_UNMARKED` for other steps."""
+    return getattr(train_step, "axis_name", _UNMARKED)
+
+
+def resolve_mapped_step(train_step: Callable | str | None, loss_fn: Any, axis_name: str | None, *,
+                        where: str, default_axis: str, fix_axis_is_fixed: bool) -> tuple[Callable, str]:
+    """The step to run under a mapped axis (pmap / shard_map) and that axis's name.
+
+    Args:
+      train_step: a step from `make_train_step(loss, axis_name=...)` or the user's own step that
+        reduces over `axis_name`; a string is taken as a loss name.
+      loss_fn: alternatively, the loss: the step is built here with the right axis.
+      axis_name: the device axis; None takes the step's own (pmap) or `default_axis`.
+      where: the caller's name, for errors.
+      default_axis: axis when neither the step nor the caller names one.
+      fix_axis_is_fixed: the axis is the mesh's (shard_map) and the step must match it.
+    """
+    if isinstance(train_step, str):
+        train_step, loss_fn = None, train_step
+    if (train_step is None) == (loss_fn is None):
+        raise ValueError(
+            f"{where}: pass exactly one of a train step (built with make_train_step(loss, "
+            f"axis_name=...)) or loss_fn=; got {'both' if train_step is not None else 'neither'}.")
+    if loss_fn is not None:
+        axis = axis_name or default_axis
+        return make_train_step(loss_fn, axis_name=axis), axis
+    marked = step_axis_name(train_step)
+    if marked is _UNMARKED:
+        return train_step, axis_name or default_axis
+    if marked is None:
+        raise ValueError(
+            f"{where}: the train step was built without axis_name, so it would not average "
+            f"gradients over devices and each device would train on its own shard. Fix: build it "
+            f"with make_train_step(loss, axis_name={axis_name or default_axis!r}), or pass "
+            f"loss_fn=loss and let {where} build it.")
+    if axis_name is not None and marked != axis_name:
+        hint = "the mesh's data axis" if fix_axis_is_fixed else "the device axis"
+        raise ValueError(
+            f"{where}: the train step reduces over axis_name={marked!r}, but {hint} is "
+            f"{axis_name!r}. Fix: build the step with make_train_step(loss, axis_name={axis_name!r}).")
+    return train_step, marked
+
+
+def check_unmapped_step(train_step: Callable, *, where: str) -> None:
+    """Sharded jit has no named device axis: refuse a step that reduces over one."""
+    marked = step_axis_name(train_step)
+    if marked is not _UNMARKED and marked is not None:
+        raise ValueError(
+            f"{where}: the train step was built with axis_name={marked!r}, but under sharded jit the "
+            f"compiler inserts the cross-device reductions and there is no named axis. Fix: build it "
+            f"with make_train_step(loss) (no axis_name); use pmap_train_step or "
+            f"shard_map_train_step for a step with explicit collectives.")
+
+
+def rebind_batch_norm(state: Any, bn_axis_name: str | None) -> Any:
+    """`state` whose model runs BatchNorm with `axis_name=bn_axis_name`, if it has `bn_axis_name`."""
+    apply_fn = getattr(state, "apply_fn", None)
+    module = getattr(apply_fn, "__self__", None)
+    if not isinstance(module, nn.Module) or not hasattr(module, "bn_axis_name"):
+        return state
+    if module.bn_axis_name == bn_axis_name:
+        return state
+    return state.replace(apply_fn=module.clone(bn_axis_name=bn_axis_name).apply)
+
+
+def with_batch_norm_axis(train_step: Callable, bn_axis_name: str | None) -> Callable:
+    """Wraps a step so the model's BatchNorm reduces over `bn_axis_name` (see module docstring)."""
+
+    def step(state, batch):
+        out = train_step(rebind_batch_norm(state, bn_axis_name), batch)
+        if isinstance(out, tuple) and len(out) == 2 and hasattr(out[0], "apply_fn") \
+                and hasattr(state, "apply_fn"):
+            return out[0].replace(apply_fn=state.apply_fn), out[1]
+        return out
+
+    return step

@@ -1,0 +1,106 @@
+"""Loss values against independent formulas, and gradients checked in float64 (orders 1 and 2)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jnn import losses
+from tests import tolerances as tol
+
+C = 5
+
+
+def _logits(seed=0, shape=(4, C)):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
+
+
+def _int_labels(seed=1, n=4):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, C, n), jnp.int32)
+
+
+def _np_log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# Each case: (name, loss of one differentiable argument, its input) for check_grads.
+def _grad_cases():
+    y = _int_labels()
+    one_hot = jax.nn.one_hot(y, C, dtype=jnp.float64)
+    targets = _logits(3)
+    bits = jnp.asarray(np.random.default_rng(4).integers(0, 2, (4, C)), jnp.float64)
+    return [
+        ("ce_int", lambda z: losses.softmax_cross_entropy_with_integer_labels(z, y).sum(), _logits()),
+        ("ce_int_smooth", lambda z: losses.softmax_cross_entropy_with_integer_labels(
+            z, y, label_smoothing=0.1).sum(), _logits()),
+        ("ce_one_hot_smooth", lambda z: losses.softmax_cross_entropy(z, one_hot, label_smoothing=0.2).sum(), _logits()),
+        ("nll", lambda z: losses.nll_loss(jax.nn.log_softmax(z), y).sum(), _logits()),
+        ("bce", lambda z: losses.binary_cross_entropy_with_logits(z, bits).sum(), _logits()),
+        ("mse", lambda z: losses.mean_squared_error(z, targets).sum(), _logits()),
+        ("masked_mean", lambda z: losses.masked_mean(losses.cross_entropy(z, y), jnp.array([1.0, 0.0, 1.0, 1.0])),
+         _logits()),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_gradients_float64_orders_1_and_2_forward_and_reverse(case):
+    with jax.enable_x64(True):
+        name, fn, x = _grad_cases()[case]
+        assert x.dtype == jnp.float64, name
+        check_grads(jax.jit(fn), (x,), order=2, modes=("fwd", "rev"), atol=tol.GRAD_CHECK_ATOL,
+                    rtol=tol.GRAD_CHECK_RTOL, eps=tol.FINITE_DIFF_EPS)
+
+
+def test_integer_cross_entropy_with_label_smoothing_matches_formula():
+    z, y, a = _logits(), _int_labels(), 0.1
+    target = np.full((4, C), a / C)
+    target[np.arange(4), np.asarray(y)] += 1 - a  # PyTorch CrossEntropyLoss(label_smoothing=a)
+    expected = -(target * _np_log_softmax(z)).sum(-1)
+    np.testing.assert_allclose(losses.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=a),
+                               expected, atol=tol.F32_REFERENCE_ATOL)
+    np.testing.assert_allclose(losses.cross_entropy(z, y), -_np_log_softmax(z)[np.arange(4), np.asarray(y)],
+                               atol=tol.F32_REFERENCE_ATOL)
+
+
+def test_one_hot_and_integer_forms_agree():
+    z, y = _logits(), _int_labels()
+    np.testing.assert_allclose(losses.cross_entropy(z, jax.nn.one_hot(y, C), label_smoothing=0.3),
+                               losses.cross_entropy(z, y, label_smoothing=0.3), atol=tol.F32_REFERENCE_ATOL)
+
+
+def test_log_softmax_plus_nll_is_cross_entropy():
+    z, y = _logits(), _int_labels()
+    np.testing.assert_allclose(losses.nll_loss(jax.nn.log_softmax(z), y), losses.cross_entropy(z, y),
+                               atol=tol.F32_REFERENCE_ATOL)
+
+
+def test_bce_and_mse_match_formulas():
+    z = np.asarray(_logits(), np.float64)
+    t = np.random.default_rng(5).uniform(size=z.shape)
+    p = 1 / (1 + np.exp(-z))
+    np.testing.assert_allclose(losses.binary_cross_entropy_with_logits(jnp.asarray(z, jnp.float32), t),
+                               -(t * np.log(p) + (1 - t) * np.log(1 - p)), atol=tol.F32_REFERENCE_ATOL)
+    np.testing.assert_allclose(losses.mean_squared_error(jnp.asarray(z, jnp.float32), t), (z - t) ** 2,
+                               atol=tol.F32_REFERENCE_ATOL)
+
+
+def test_mse_refuses_silent_broadcasting():
+    with pytest.raises(ValueError, match=r"predictions have shape \(4, 1\) but targets have shape \(4,\)"):
+        losses.mean_squared_error(jnp.zeros((4, 1)), jnp.zeros(4))
+
+
+def test_masked_mean_weighs_leading_axes():
+    values = jnp.arange(12.0).reshape(3, 4)
+    np.testing.assert_allclose(losses.masked_mean(values, jnp.array([1.0, 0.0, 1.0])),
+                               np.concatenate([np.arange(4.0), np.arange(8.0, 12.0)]).mean())
+
+
+def test_registry_names_and_unknown():
+    assert losses.get("nll") is losses.nll_loss
+    fn = losses.get("cross_entropy", label_smoothing=0.1)
+    np.testing.assert_allclose(fn(_logits(), _int_labels()),
+                               losses.cross_entropy(_logits(), _int_labels(), label_smoothing=0.1))
+    with pytest.raises(ValueError, match=r"unknown loss 'cross_entropi'.*Did you mean \['cross_entropy'"):
+        losses.get("cross_entropi")
