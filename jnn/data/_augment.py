@@ -24,13 +24,24 @@ Augment = Callable[[Batch, np.random.Generator], Batch]
 def _images(batch: Mapping[str, np.ndarray], what: str) -> np.ndarray:
     x = batch["inputs"]
     if x.ndim != 4:
-        raise DataError(f"{what} expects image batches (B, H, W, C), got inputs of shape {x.shape}.")
-    return x
+        raise DataError(
+            f"{what} expects image batches (B, H, W, C), got inputs of shape {x.shape}."
+        )
+    return np.ascontiguousarray(x)
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    """(B, H, W, C) -> (B, H, W) view whose items are whole C-channel pixels (numpy void).
+
+    Moving pixels instead of single channel values keeps numpy's inner copy loops long: with
+    C=3 a flip or crop over float32 channels runs ~2-5x slower than over 12-byte pixels.
+    """
+    return x.view(np.dtype((np.void, x.shape[-1] * x.itemsize)))[..., 0]
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomCrop:
-    """Pads each image by `padding` pixels on every side, then crops back to H x W at a random offset.
+    """Pads each image by `padding` pixels per side, then crops back to H x W at a random offset.
 
     Attributes:
       padding: pixels added per side (CIFAR's standard recipe: 4, for 32 -> 40 -> 32).
@@ -42,14 +53,18 @@ class RandomCrop:
 
     def __call__(self, batch: Batch, rng: np.random.Generator) -> Batch:
         x = _images(batch, "RandomCrop")
-        b, h, w, _ = x.shape
+        b, h, w, c = x.shape
         p = self.padding
-        padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=self.mode)  # (B, H+2p, W+2p, C)
+        if self.mode == "constant":  # zeros + one slice assignment beats np.pad's generic path
+            padded = np.zeros((b, h + 2 * p, w + 2 * p, c), x.dtype)  # (B, H+2p, W+2p, C)
+            padded[:, p : p + h, p : p + w] = x
+        else:
+            padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=self.mode)
         top = rng.integers(0, 2 * p + 1, b)
         left = rng.integers(0, 2 * p + 1, b)
-        windows = sliding_window_view(padded, (h, w), axis=(1, 2))  # (B, 2p+1, 2p+1, C, H, W) view
-        crops = windows[np.arange(b), top, left]  # (B, C, H, W)
-        return {**batch, "inputs": np.ascontiguousarray(np.moveaxis(crops, 1, -1))}  # (B, H, W, C)
+        windows = sliding_window_view(_pixels(padded), (h, w), axis=(1, 2))  # (B, 2p+1, 2p+1, H, W)
+        crops = windows[np.arange(b), top, left]  # (B, H, W) pixels, a fresh array
+        return {**batch, "inputs": crops.view(x.dtype).reshape(x.shape)}  # (B, H, W, C)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +76,10 @@ class RandomFlip:
     def __call__(self, batch: Batch, rng: np.random.Generator) -> Batch:
         x = _images(batch, "RandomFlip")
         flip = rng.random(len(x)) < self.p
-        out = x.copy()
-        out[flip] = x[flip, :, ::-1]
-        return {**batch, "inputs": out}
+        pixels = _pixels(x)  # (B, H, W)
+        out = pixels.copy()
+        out[flip] = pixels[flip, :, ::-1]
+        return {**batch, "inputs": out.view(x.dtype).reshape(x.shape)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +111,15 @@ class Normalize:
                 f"Normalize has {len(self.mean)} channel means, got inputs with {x.shape[-1]} "
                 f"channels (shape {x.shape})."
             )
-        mean = np.asarray(self.mean, np.float32)
-        scale = np.asarray(1.0 / np.asarray(self.std), np.float32)
-        return {**batch, "inputs": (x - mean) * scale}
+        # Broadcasting (C,) over a (B, H, W, C) array runs C-long inner loops (10x slower for C=3);
+        # tiling the per-channel values over a (B, H*W*C) view keeps them H*W*C long.
+        flat = np.ascontiguousarray(x).reshape(len(x), -1)  # (B, H*W*C)
+        reps = flat.shape[1] // len(self.mean)
+        mean = np.tile(np.asarray(self.mean, np.float32), reps)
+        scale = np.tile(np.asarray(1.0 / np.asarray(self.std), np.float32), reps)
+        out = flat - mean  # float32 for float32 or integer (e.g. uint8) inputs
+        out *= scale
+        return {**batch, "inputs": out.reshape(x.shape)}
 
 
 @dataclasses.dataclass(frozen=True)

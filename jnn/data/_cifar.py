@@ -60,7 +60,9 @@ def find_cifar10_dir(data_dir: str | os.PathLike | None) -> tuple[str, str]:
         f"{{dir}}. {DIGITS_HINT}"
     )
     if data_dir is None:
-        raise MissingDataError(f"cifar10 needs data_dir, holding {expected}. " + fix.format(dir="it"))
+        raise MissingDataError(
+            f"cifar10 needs data_dir, holding {expected}. " + fix.format(dir="it")
+        )
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         raise MissingDataError(
@@ -81,7 +83,8 @@ def find_cifar10_dir(data_dir: str | os.PathLike | None) -> tuple[str, str]:
                     + fix.format(dir=repr(data_dir))
                 )
     raise MissingDataError(
-        f"no CIFAR-10 batches in {data_dir!r}: expected {expected}. " + fix.format(dir=repr(data_dir))
+        f"no CIFAR-10 batches in {data_dir!r}: expected {expected}. "
+        + fix.format(dir=repr(data_dir))
     )
 
 
@@ -103,7 +106,8 @@ def read_python_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         raise DataError(
-            f"{path}: expected b'data' of shape (N, {_PIXELS}) uint8, got {data.shape} {data.dtype}."
+            f"{path}: expected b'data' of shape (N, {_PIXELS}) uint8, "
+            f"got {data.shape} {data.dtype}."
         )
     if labels.shape != (len(data),):
         raise DataError(f"{path}: expected {len(data)} labels, got {labels.shape}.")

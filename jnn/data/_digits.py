@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn import datasets
 
 from jnn.data._splits import Splits, make_splits
 
@@ -24,6 +23,8 @@ def load_digits(*, val_fraction: float = 0.1, seed: int = 0) -> Splits:
     Returns:
       `Splits` with inputs (N, 8, 8, 1) float32 in [0, 1] and int32 labels 0..9.
     """
+    from sklearn import datasets  # deferred: importing scikit-learn takes ~1 s
+
     bunch = datasets.load_digits()
     images = (bunch.images / _MAX_PIXEL).astype(np.float32)[..., None]  # (N, 8, 8, 1)
     labels = bunch.target.astype(np.int32)

@@ -29,7 +29,9 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-MNIST_URL = "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
+MNIST_URL = (
+    "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
+)
 # Layouts other tools leave behind; the directory given is searched first.
 _SUBDIRS = ("", "mnist", "MNIST", os.path.join("MNIST", "raw"))
 
@@ -49,7 +51,9 @@ def read_idx(path: str, expected_magic: int | None = None) -> np.ndarray:
     """
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise DataError(f"{path}: truncated IDX file: expected a 4-byte magic number, got {len(raw)} bytes.")
+        raise DataError(
+            f"{path}: truncated IDX file: expected a 4-byte magic number, got {len(raw)} bytes."
+        )
     magic = int.from_bytes(raw[:4], "big")
     zeros, type_code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
     if expected_magic is not None and magic != expected_magic:
@@ -111,7 +115,12 @@ def find_mnist_files(data_dir: str | os.PathLike | None) -> dict[str, str]:
         )
     found, missing = {}, []
     for key, base in FILES.items():
-        names = (base, base + ".gz", base.replace("-idx", ".idx"), base.replace("-idx", ".idx") + ".gz")
+        names = (
+            base,
+            base + ".gz",
+            base.replace("-idx", ".idx"),
+            base.replace("-idx", ".idx") + ".gz",
+        )
         paths = [os.path.join(data_dir, sub, n) for sub in _SUBDIRS for n in names]
         path = next((p for p in paths if os.path.isfile(p)), None)
         if path is None:

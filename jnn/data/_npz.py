@@ -15,7 +15,7 @@ _KEY_PAIRS = (("inputs", "labels"), ("x", "y"), ("x_train", "y_train"), ("images
 
 
 def _split_key(key: str, split: str) -> str:
-    """"x_train" -> "x_test"; "inputs" -> "inputs_test"."""
+    """ "x_train" -> "x_test"; "inputs" -> "inputs_test"."""
     base = key[: -len("_train")] if key.endswith("_train") else key
     return f"{base}_{split}"
 

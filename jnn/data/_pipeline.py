@@ -120,6 +120,12 @@ class Pipeline:
             self.steps_per_epoch = self.shard_size // self.batch_size
         else:
             self.steps_per_epoch = -(-self.shard_size // self.batch_size)
+        if self.shard_size == 0:
+            raise DataError(
+                f"expected examples to batch, got {self.num_examples} examples split over "
+                f"{self.shard_count} shard(s), none for shard {self.shard_index}. Fix: skip empty "
+                "splits (e.g. val with val_fraction=0), or use fewer shards."
+            )
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"{self.num_examples} examples give shard {self.shard_index} of {self.shard_count} "
@@ -135,11 +141,11 @@ class Pipeline:
         return None if self.num_epochs is None else self.steps_per_epoch * self.num_epochs
 
     def position(self, step: int) -> tuple[int, int]:
-        """Returns `(epoch, batch_in_epoch)` of global `step` (e.g. of `get_state()["next_index"]`)."""
+        """Returns `(epoch, batch_in_epoch)` of global `step` (e.g. `get_state()["next_index"]`)."""
         return divmod(int(step), self.steps_per_epoch)
 
     def _order(self, epoch: int) -> np.ndarray:
-        """This shard's example indices for `epoch`, cached (consumers move through epochs in order)."""
+        """This shard's example indices for `epoch` (cached; epochs are read in order)."""
         with self._lock:
             order = self._orders.get(epoch)
         if order is not None:
@@ -222,7 +228,7 @@ class _BatchAt:
 
 
 class NumpyIterator(grain.DatasetIterator):
-    """`Pipeline.numpy_iterator()`: batches computed on `next()`, no threads, grain-compatible state.
+    """`Pipeline.numpy_iterator()`: batches made on `next()`, no threads, grain-compatible state.
 
     A `grain.DatasetIterator`, so `grain.checkpoint.CheckpointSave/Restore` accept it too.
     """

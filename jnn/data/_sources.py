@@ -86,7 +86,5 @@ def load(
     accepted = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise DataError(
-            f"{base} does not take option(s) {unknown}; expected some of {accepted}."
-        )
+        raise DataError(f"{base} does not take option(s) {unknown}; expected some of {accepted}.")
     return loader(location, **options) if takes_path else loader(**options)

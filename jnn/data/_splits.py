@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from sklearn import model_selection
 
 from jnn.data._errors import DataError
 
@@ -45,7 +44,8 @@ class Splits:
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
             raise DataError(
-                f"{self.name}: expected {self.num_classes} class names, got {len(self.class_names)}."
+                f"{self.name}: expected {self.num_classes} class names, "
+                f"got {len(self.class_names)}."
             )
         for split in ("train", "val", "test"):
             arrays = getattr(self, split)
@@ -53,7 +53,8 @@ class Splits:
             got = tuple(arrays["inputs"].shape[1:])
             if got != tuple(self.input_shape):
                 raise DataError(
-                    f"{self.name} {split} split: expected inputs of shape (N, *{self.input_shape}), "
+                    f"{self.name} {split} split: expected inputs of shape "
+                    f"(N, *{self.input_shape}), "
                     f"got {arrays['inputs'].shape}."
                 )
 
@@ -64,7 +65,9 @@ class Splits:
         return getattr(self, name)
 
     def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={len(getattr(self, s)['labels'])}" for s in ("train", "val", "test"))
+        sizes = ", ".join(
+            f"{s}={len(getattr(self, s)['labels'])}" for s in ("train", "val", "test")
+        )
         return (
             f"Splits(name={self.name!r}, {sizes}, input_shape={self.input_shape}, "
             f"num_classes={self.num_classes})"
@@ -102,7 +105,8 @@ def check_arrays(arrays: Mapping[str, np.ndarray], num_classes: int | None, *, w
     if low < 0 or (num_classes is not None and high >= num_classes):
         bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
         raise DataError(
-            f"{where}: labels out of range: expected labels in {bound}, got min {low} and max {high}. "
+            f"{where}: labels out of range: expected labels in {bound}, "
+            f"got min {low} and max {high}. "
             "Fix: relabel classes as 0..num_classes-1 (or pass the right num_classes)."
         )
 
@@ -141,6 +145,8 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
         _, counts = np.unique(labels, return_counts=True)
         if counts.min() >= 2 and len(counts) <= num_held <= n - len(counts):
             stratify = labels
+    from sklearn import model_selection  # deferred: importing scikit-learn takes ~1 s
+
     kept, held = model_selection.train_test_split(
         indices, test_size=num_held, random_state=seed, stratify=stratify
     )

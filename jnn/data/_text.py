@@ -15,7 +15,7 @@ MAX_CHARS = 1_000_000
 
 
 def stdlib_text(max_chars: int = MAX_CHARS) -> tuple[str, list[str]]:
-    """Concatenates the standard library's top-level `.py` files, in sorted order, up to `max_chars`.
+    """Concatenates the standard library's top-level `.py` files, sorted, up to `max_chars`.
 
     Text that is on every machine with Python, so character models train without a download.
     The selection is deterministic for a given Python version.

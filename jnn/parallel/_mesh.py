@@ -118,18 +118,22 @@ def _is_multiprocess() -> bool:
 
 def _put(tree: PyTree, shardings: PyTree) -> PyTree:
     """`jax.device_put`, but multi-process safe for committed single-process arrays."""
-    if _is_multiprocess():
-        # device_put of an uncommitted/host value onto a global sharding is allowed (every process
-        # holds the same value); a committed local array is not, so go through the host.
-        def to_host(x):
-            if isinstance(x, jax.Array) and x.is_fully_addressable and x.committed:
-                if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-                    return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x)),
-                                                    impl=jax.random.key_impl(x))
-                return np.asarray(x)
-            return x
-        tree = jax.tree.map(to_host, tree)
-    return jax.device_put(tree, shardings)
+    if not _is_multiprocess():
+        return jax.device_put(tree, shardings)
+    # device_put of a host value onto a global sharding is allowed (every process holds the same
+    # value); a committed local array or a typed PRNG key is not, so go through host numpy.
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x = np.asarray(x)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

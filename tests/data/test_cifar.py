@@ -81,7 +81,9 @@ def test_wrong_data_shape(tmp_path):
     write_cifar_python(tmp_path)
     with open(tmp_path / "data_batch_1", "wb") as f:
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
-    with pytest.raises(jd.DataError, match=r"expected b'data' of shape \(N, 3072\) uint8, got \(2, 100\)"):
+    with pytest.raises(
+        jd.DataError, match=r"expected b'data' of shape \(N, 3072\) uint8, got \(2, 100\)"
+    ):
         jd.load_cifar10(tmp_path)
 
 

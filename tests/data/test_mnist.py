@@ -13,7 +13,9 @@ def test_reads_idx_files_exactly(tmp_path, gz):
     splits = jd.load_mnist(tmp_path, val_fraction=0.2, seed=0)
     assert splits.train["inputs"].shape[1:] == (28, 28, 1)
     assert splits.train["inputs"].dtype == np.float32 and splits.train["labels"].dtype == np.int32
-    np.testing.assert_array_equal(splits.test["inputs"][..., 0], arrays["test_images"] / np.float32(255))
+    np.testing.assert_array_equal(
+        splits.test["inputs"][..., 0], arrays["test_images"] / np.float32(255)
+    )
     np.testing.assert_array_equal(splits.test["labels"], arrays["test_labels"])
     # Train + val is a partition of the official train file.
     assert len(splits.train["labels"]) + len(splits.val["labels"]) == 30
@@ -32,7 +34,11 @@ def test_read_idx_roundtrip_shape_and_dtype(tmp_path):
 def test_load_by_name_and_torchvision_layout(tmp_path):
     write_mnist(tmp_path / "MNIST" / "raw", gz=True)
     splits = jd.load("mnist", tmp_path, val_fraction=0.1)
-    assert (len(splits.train["labels"]), len(splits.val["labels"]), len(splits.test["labels"])) == (27, 3, 10)
+    assert (len(splits.train["labels"]), len(splits.val["labels"]), len(splits.test["labels"])) == (
+        27,
+        3,
+        10,
+    )
 
 
 @pytest.mark.parametrize("make_dir", [False, True])
@@ -76,7 +82,9 @@ def test_bad_magic_number(tmp_path):
     # A labels file where images are expected: valid IDX, wrong magic.
     labels = (tmp_path / MNIST_FILES["train_labels"]).read_bytes()
     (tmp_path / MNIST_FILES["train_images"]).write_bytes(labels)
-    with pytest.raises(jd.DataError, match=r"bad magic number: expected 0x00000803, got 0x00000801"):
+    with pytest.raises(
+        jd.DataError, match=r"bad magic number: expected 0x00000803, got 0x00000801"
+    ):
         jd.load_mnist(tmp_path)
 
 
@@ -98,6 +106,8 @@ def test_count_mismatch_between_images_and_labels(tmp_path):
 
 def test_labels_out_of_range(tmp_path):
     write_mnist(tmp_path)
-    write_file(tmp_path / MNIST_FILES["test_labels"], idx_bytes(np.full(10, 12, np.uint8)), gz=False)
+    write_file(
+        tmp_path / MNIST_FILES["test_labels"], idx_bytes(np.full(10, 12, np.uint8)), gz=False
+    )
     with pytest.raises(jd.DataError, match="out of range"):
         jd.load_mnist(tmp_path)

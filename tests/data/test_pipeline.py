@@ -8,7 +8,10 @@ import jnn.data as jd
 
 def _data(n=100):
     """Inputs whose value is the example's index, so batches reveal which examples they hold."""
-    return {"inputs": np.arange(n, dtype=np.float32)[:, None], "labels": (np.arange(n) % 10).astype(np.int32)}
+    return {
+        "inputs": np.arange(n, dtype=np.float32)[:, None],
+        "labels": (np.arange(n) % 10).astype(np.int32),
+    }
 
 
 def _ids(batch):
@@ -52,7 +55,10 @@ def test_eval_is_one_ordered_pass_keeping_the_partial_batch():
 
 @pytest.mark.parametrize("make_iterator", ["grain", "numpy"])
 def test_resume_from_state_sees_exactly_the_remaining_batches(make_iterator):
-    images = {"inputs": np.random.default_rng(0).random((100, 4, 4, 1), np.float32), "labels": np.arange(100)}
+    images = {
+        "inputs": np.random.default_rng(0).random((100, 4, 4, 1), np.float32),
+        "labels": np.arange(100),
+    }
     pipe = jd.Pipeline(images, 16, seed=1, augment=jd.RandomFlip(), shard_index=0, shard_count=1)
     new = (lambda: iter(pipe)) if make_iterator == "grain" else pipe.numpy_iterator
     full = new()
@@ -84,7 +90,15 @@ def test_grain_and_numpy_iterators_agree_and_share_state():
 def test_shards_are_disjoint_and_cover(train):
     n = 101
     per_shard = [
-        sum((_ids(b) for b in jd.Pipeline(_data(n), 10, train=train, num_epochs=1, shard_index=i, shard_count=2)), [])
+        sum(
+            (
+                _ids(b)
+                for b in jd.Pipeline(
+                    _data(n), 10, train=train, num_epochs=1, shard_index=i, shard_count=2
+                )
+            ),
+            [],
+        )
         for i in range(2)
     ]
     assert not set(per_shard[0]) & set(per_shard[1])
@@ -104,7 +118,10 @@ def test_shards_draw_from_one_global_permutation_per_epoch():
 
 
 def test_augment_is_deterministic_per_step_and_differs_across_shards():
-    data = {"inputs": np.random.default_rng(0).random((64, 8, 8, 1), dtype=np.float32), "labels": np.zeros(64, np.int32)}
+    data = {
+        "inputs": np.random.default_rng(0).random((64, 8, 8, 1), dtype=np.float32),
+        "labels": np.zeros(64, np.int32),
+    }
     aug = [jd.RandomCrop(padding=2), jd.RandomFlip()]
     a = jd.Pipeline(data, 16, augment=aug, shard_index=0, shard_count=1)
     b = jd.Pipeline(data, 16, augment=aug, shard_index=0, shard_count=1)
@@ -124,6 +141,13 @@ def test_data_is_not_mutated_by_augment():
     np.testing.assert_array_equal(data["inputs"], before)
 
 
+def test_text_splits_batch_into_token_windows():
+    splits = jd.load_text(seq_len=16, max_chars=5_000)
+    batch = next(iter(jd.Pipeline(splits.train, 8, shard_index=0, shard_count=1)))
+    assert batch["inputs"].shape == batch["labels"].shape == (8, 16)
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["labels"][:, :-1])
+
+
 def test_shard_defaults_come_from_jax():
     pipe = jd.Pipeline(_data(), 16)
     assert (pipe.shard_index, pipe.shard_count) == (0, 1)
@@ -132,23 +156,29 @@ def test_shard_defaults_come_from_jax():
 def test_bad_arguments():
     with pytest.raises(jd.DataError, match="fewer than one batch of 128"):
         jd.Pipeline(_data(100), 128, shard_index=0, shard_count=1)
+    with pytest.raises(jd.DataError, match="none for shard 0"):
+        jd.Pipeline(_data(0), 8, train=False, shard_index=0, shard_count=1)
     with pytest.raises(jd.DataError, match="shard_index=2, shard_count=2"):
         jd.Pipeline(_data(), 8, shard_index=2, shard_count=2)
     with pytest.raises(jd.DataError, match="one shared first dimension"):
-        jd.Pipeline({"inputs": np.zeros((5, 2)), "labels": np.zeros(4)}, 2, shard_index=0, shard_count=1)
+        jd.Pipeline(
+            {"inputs": np.zeros((5, 2)), "labels": np.zeros(4)}, 2, shard_index=0, shard_count=1
+        )
     with pytest.raises(jd.DataError, match="positive integer"):
         jd.Pipeline(_data(), 0, shard_index=0, shard_count=1)
     with pytest.raises(jd.DataError, match="non-negative"):
         jd.Pipeline(_data(), 8, seed=-1, shard_index=0, shard_count=1)
 
 
-def test_iterator_state_checkpoints_with_orbax_and_grain_handler(tmp_path):
+@pytest.mark.parametrize("make_iterator", ["grain", "numpy"])
+def test_iterator_state_checkpoints_with_orbax_and_grain_handler(tmp_path, make_iterator):
     ocp = pytest.importorskip("orbax.checkpoint")
     import grain
 
     pipe = jd.Pipeline(_data(), 16, seed=0, shard_index=0, shard_count=1)
-    uninterrupted = _take(iter(pipe), 10)
-    it = iter(pipe)
+    new = (lambda: iter(pipe)) if make_iterator == "grain" else pipe.numpy_iterator
+    uninterrupted = _take(new(), 10)
+    it = new()
     _take(it, 4)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         manager.save(4, args=ocp.args.Composite(
@@ -156,10 +186,24 @@ def test_iterator_state_checkpoints_with_orbax_and_grain_handler(tmp_path):
             data=grain.checkpoint.CheckpointSave(it),
         ))  # fmt: skip
         manager.wait_until_finished()
-    fresh = iter(pipe)
+    fresh = new()
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         restored = manager.restore(4, args=ocp.args.Composite(
             state=ocp.args.StandardRestore({"w": np.zeros(3)}),
             data=grain.checkpoint.CheckpointRestore(fresh),
         ))  # fmt: skip
     assert _take(restored.data, 6) == uninterrupted[4:]
+
+
+@pytest.mark.slow
+def test_multiprocessing_workers_give_the_same_batches_and_resume():
+    pipe = jd.Pipeline(_data(), 16, seed=0, worker_count=1, shard_index=0, shard_count=1)
+    it = iter(pipe)
+    try:
+        next(it)
+        state = json.loads(json.dumps(it.get_state()))  # grain's multiprocessing state format
+        assert _take(it, 3) == [_ids(pipe.batch(i)) for i in (1, 2, 3)]
+        it.set_state(state)  # rewind the same iterator: its workers restart at step 1
+        assert _ids(next(it)) == _ids(pipe.batch(1))
+    finally:
+        it.close()

@@ -81,7 +81,10 @@ def test_npz_inputs_labels_keys(tmp_path):
 
 def test_npz_x_y_with_test_and_uint8_images(tmp_path):
     rng = np.random.default_rng(0)
-    x, xt = rng.integers(0, 256, (20, 4, 4, 1), dtype=np.uint8), rng.integers(0, 256, (6, 4, 4, 1), dtype=np.uint8)
+    x, xt = (
+        rng.integers(0, 256, (20, 4, 4, 1), dtype=np.uint8),
+        rng.integers(0, 256, (6, 4, 4, 1), dtype=np.uint8),
+    )
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 4, x_test=xt, y_test=np.arange(6) % 4)
     splits = jd.load("npz", tmp_path / "d.npz", val_fraction=0.25)
     np.testing.assert_array_equal(splits.test["inputs"], xt / np.float32(255))
@@ -101,7 +104,9 @@ def test_npz_user_keys_and_val_arrays(tmp_path):
 
 def test_npz_labels_out_of_range(tmp_path):
     np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 2)), labels=np.array([0, 1, 2, 7]))
-    with pytest.raises(jd.DataError, match=r"labels out of range: expected labels in \[0, 5\), got min 0 and max 7"):
+    with pytest.raises(
+        jd.DataError, match=r"labels out of range: expected labels in \[0, 5\), got min 0 and max 7"
+    ):
         jd.load_npz(tmp_path / "d.npz", num_classes=5)
     np.savez(tmp_path / "n.npz", inputs=np.zeros((4, 2)), labels=np.array([0, -1, 2, 1]))
     with pytest.raises(jd.DataError, match="out of range"):

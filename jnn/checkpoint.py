@@ -1,0 +1,191 @@
+"""Orbax save/restore of the whole training state, and of the data iterator's position.
+
+What is saved is everything `TrainState` holds as arrays (step, params, optimizer state, model
+state such as batch statistics, and the PRNG key as raw key data), plus the input pipeline's
+JSON state, so a resumed run sees exactly the batches an uninterrupted one would. The static parts
+(model, optimizer) come from the template state the caller rebuilds from its config.
+
+Retention: the latest `keep` checkpoints, plus the best one by a chosen metric.
+Orbax commits atomically (temp dir + rename), but a kill during deletion of an old step can leave a
+half-deleted step that is still listed: `restore` then falls back from the newest to older steps.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from jnn.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+_STATE, _DATA, _METRICS = "state", "data", "metrics"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be restored from (missing, empty, incompatible)."""
+
+
+def _arrays(state: TrainState) -> dict[str, Any]:
+    """The saveable arrays of a state; the typed PRNG key is stored as its raw uint32 data."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "model_state": state.model_state,
+        "rng": jax.random.key_data(state.rng),
+    }
+
+
+def _with_arrays(template: TrainState, arrays: Mapping[str, Any]) -> TrainState:
+    impl = jax.random.key_impl(template.rng)
+    return template.replace(
+        step=arrays["step"],
+        params=arrays["params"],
+        opt_state=arrays["opt_state"],
+        model_state=arrays["model_state"],
+        rng=jax.random.wrap_key_data(arrays["rng"], impl=impl),
+    )
+
+
+class Checkpointer:
+    """Saves and restores `TrainState` (+ data position) with an orbax `CheckpointManager`.
+
+    Example:
+      >>> ckpt = jnn.Checkpointer(run_dir / "checkpoints", keep=2, best_metric="accuracy")
+      >>> ckpt.save(state, data_state=loader_state, metrics={"accuracy": 0.97})
+      >>> state, data_state = ckpt.restore(template_state)
+
+    Args:
+      directory: where step folders are written (created if missing).
+      keep: number of most recent checkpoints to keep.
+      best_metric: also keep the checkpoint with the best value of this metric (None: don't).
+      best_mode: "max" or "min" for `best_metric`.
+      async_save: write in a background thread (call `wait()` before reading the files).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = None,
+                 best_mode: str = "max", async_save: bool = False):
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}.")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1; got {keep}.")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.best_metric, self.best_mode = best_metric, best_mode
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
+        if best_metric is not None:
+            policies.append(pp.BestN(get_metric_fn=lambda metrics: metrics[best_metric],
+                                     reverse=best_mode == "min", n=1))  # ascending sort keeps the tail
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={_STATE: ocp.StandardCheckpointHandler(), _DATA: ocp.JsonCheckpointHandler(),
+                           _METRICS: ocp.JsonCheckpointHandler()},
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the best `best_metric` (None without a metric or checkpoints)."""
+        if self.best_metric is None:
+            return None
+        scored = []
+        for step in self.all_steps():
+            metrics = self.metrics(step)
+            if metrics and self.best_metric in metrics:
+                scored.append((float(metrics[self.best_metric]), step))
+        if not scored:
+            return None
+        return (max(scored) if self.best_mode == "max" else min(scored))[1]
+
+    # ------------------------------------------------------------------ save / restore
+
+    def save(self, state: TrainState, *, data_state: Mapping[str, Any] | None = None,
+             metrics: Mapping[str, float] | None = None, force: bool = True) -> bool:
+        """Saves `state` at its own step. Returns whether a checkpoint was written."""
+        step = int(jax.device_get(state.step))
+        items = {_STATE: ocp.args.StandardSave(_arrays(state))}
+        if data_state is not None:
+            items[_DATA] = ocp.args.JsonSave(dict(data_state))
+        clean = None
+        if metrics is not None:
+            clean = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+            if self.best_metric is not None and self.best_metric not in clean:
+                raise ValueError(
+                    f"Checkpointer.save: best_metric {self.best_metric!r} is not among the metrics "
+                    f"given {sorted(clean)}. Fix: pass metrics that include it, or change best_metric.")
+            items[_METRICS] = ocp.args.JsonSave(clean)
+        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=clean, force=force)
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict | None]:
+        """Restores the state (into `template`'s structure) and the data state, if one was saved.
+
+        With `step=None`, tries the newest checkpoint first and falls back to older ones if a
+        checkpoint is unreadable (e.g. a half-deleted step after a kill).
+
+        Raises:
+          CheckpointError: if there is no checkpoint, or none fits the template (e.g. the model or
+            optimizer in the config changed since the run was saved).
+        """
+        steps = [step] if step is not None else self.all_steps()[::-1]
+        if not steps:
+            raise CheckpointError(
+                f"no checkpoint found in {self.directory}; expected step folders written by "
+                f"`jnn train` or Checkpointer.save. Fix: point to a run directory that has checkpoints.")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
+        errors = []
+        for s in steps:
+            try:
+                restored = self._manager.restore(s, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
+                state = _with_arrays(template, restored[_STATE])
+            except Exception as err:  # noqa: BLE001 - orbax raises many types; we report all
+                errors.append(f"step {s}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+                log.warning("checkpoint step %s could not be restored (%s); trying an older one", s, err)
+                continue
+            return state, self._restore_data(s)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} could be restored into the current model and optimizer; "
+            f"expected parameters and optimizer state of the shapes the config builds. Errors: "
+            f"{'; '.join(errors)}. Fix: resume with the config the run was started with.")
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with `step`, if any."""
+        return self._restore_json(step, _METRICS)
+
+    def _restore_data(self, step: int) -> dict | None:
+        return self._restore_json(step, _DATA)
+
+    def _restore_json(self, step: int, item: str) -> dict | None:
+        if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return dict(restored[item])
+
+    def wait(self) -> None:
+        """Blocks until any background save has finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

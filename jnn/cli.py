@@ -1,0 +1,116 @@
+"""The `jnn` command: `jnn train`, `jnn eval RUN_DIR`, `jnn info`, `jnn presets`, `jnn models`.
+
+  jnn train                                   # digits CNN on scikit-learn's bundled digits
+  jnn train --preset mlp_mnist --data-dir ~/data/mnist --set optim.learning_rate=3e-4
+  jnn train --preset resnet20_cifar10 --debug # the tiny variant, seconds on a CPU
+  jnn train --resume runs/digits-20261122-101500
+  jnn eval runs/digits-20261122-101500
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jnn", description="JAX functional neural networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a preset (default: a CNN on the bundled digits)")
+    train.add_argument("--preset", default=None, help="a preset name (see `jnn presets`); default: digits")
+    train.add_argument("--debug", action="store_true", help="the preset's tiny variant (a few steps)")
+    train.add_argument("--data-dir", default=None, help="directory (or file) with the preset's data")
+    train.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<preset>-<time>)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar (default: when stderr is a terminal)")
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split")
+    ev.add_argument("run_dir")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+    ev.add_argument("--data-dir", default=None, help="where the data is now, if it moved")
+
+    sub.add_parser("info", help="JAX backend, devices and versions")
+    sub.add_parser("presets", help="list the training presets")
+    sub.add_parser("models", help="list the model zoo")
+    return parser
+
+
+def _train(args) -> int:
+    from jnn import config as config_lib
+    from jnn import experiment, presets
+
+    if args.resume:
+        config = experiment.read_config(args.resume)
+        if args.preset or args.set or args.debug or args.data_dir:
+            base = presets.get(args.preset or "digits", debug=args.debug) if args.preset or args.debug else config
+            config = config_lib.override(base, args.set)
+            if args.data_dir:
+                config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
+        experiment.train(config, args.resume, resume=True, progress=args.progress)
+        return 0
+    name = args.preset or "digits"
+    config = presets.get(name, debug=args.debug)
+    if args.data_dir:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
+    config = config_lib.override(config, args.set)
+    run_dir = args.run_dir or os.path.join("runs", f"{name}{'-debug' if args.debug else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+    experiment.train(config, run_dir, progress=args.progress)
+    return 0
+
+
+def _info() -> int:
+    import importlib.metadata as md
+
+    import jax
+
+    print(f"jax backend: {jax.default_backend()}")
+    print(f"devices ({jax.device_count()}): {', '.join(str(d) for d in jax.devices())}")
+    print(f"processes: {jax.process_count()} (this is {jax.process_index()})")
+    for package in ("jnn", "jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "grain", "numpy"):
+        try:
+            print(f"{package}: {md.version(package)}")
+        except md.PackageNotFoundError:
+            print(f"{package}: not installed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `jnn` console command. Returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            from jnn import experiment
+
+            experiment.evaluate_run(args.run_dir, step=args.step, data_dir=args.data_dir)
+            return 0
+        if args.command == "info":
+            return _info()
+        if args.command == "presets":
+            from jnn import presets
+
+            for name in presets.names():
+                doc = (getattr(presets, name).__doc__ or "").strip().splitlines()[0]
+                print(f"{name:20s} {doc}")
+            return 0
+        if args.command == "models":
+            from jnn import models
+
+            for name in models.names():
+                print(f"{name:28s} {models.spec(name).description}")
+            return 0
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        print(f"jnn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

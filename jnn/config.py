@@ -1,0 +1,206 @@
+"""Run configuration: four small dataclasses, overridable from the command line, saved as JSON.
+
+`--set optim.learning_rate=3e-4` sets a field; values are parsed as Python literals and coerced to
+the field's type. `model.<attr>=...` for any other name than `model.name` sets a model attribute
+(checked when the model is built). Unknown sections or keys list the valid ones.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from typing import Any, Iterable, Mapping
+
+from jnn.optim import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Attributes:
+      name: a `jnn.models.names()` preset.
+      kwargs: attribute overrides for the model (`num_classes`/`vocab_size` are filled from the data).
+    """
+
+    name: str = "digits_cnn"
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Attributes:
+      name: a `jnn.data.load` name ("digits", "mnist", "cifar10", "npz:<path>", "synthetic", "text").
+      data_dir: where the files are (mnist, cifar10; a file for npz/text). When None for mnist or
+        cifar10, the bundled digits are used instead, resized to `input_shape`.
+      input_shape: per-example image shape the model expects; the digits fallback is resized to it.
+      batch_size / eval_batch_size: examples per train / eval batch (per process).
+      val_fraction: share of train held out for validation (None: the source's default).
+      seed: splits, shuffling and augmentation.
+      augment: any of "crop" (pad `crop_padding` + random crop), "flip" (horizontal).
+      crop_padding: pixels of padding for "crop" (4 for 32x32 CIFAR; 1 for 8x8 digits).
+      normalize: subtract the per-channel mean and divide by the std of the train split.
+      mixup: mixup alpha (0: off). Labels become soft one-hot vectors.
+      seq_len: tokens per example for text.
+    """
+
+    name: str = "digits"
+    data_dir: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    val_fraction: float | None = None
+    seed: int = 0
+    augment: tuple[str, ...] = ()
+    crop_padding: int = 4
+    normalize: bool = False
+    mixup: float = 0.0
+    seq_len: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Attributes:
+      steps: total optimizer steps.
+      eval_every: evaluate on the validation split every this many steps (and at the end).
+      log_every: write averaged train metrics every this many steps.
+      seed: parameter initialisation and dropout.
+      loss: a `jnn.losses` name.
+      label_smoothing: for the cross-entropy losses.
+      early_stopping: evaluation metric to stop on (None: off), with `patience` evaluations.
+      best_metric / best_mode: which checkpoint is "best" (also used for the final test).
+      keep: most recent checkpoints kept.
+      compute_dtype: "float32" or "bfloat16" (mixed precision: params stay float32).
+    """
+
+    steps: int = 600
+    eval_every: int = 100
+    log_every: int = 50
+    seed: int = 0
+    loss: str = "cross_entropy"
+    label_smoothing: float = 0.0
+    early_stopping: str | None = None
+    patience: int = 5
+    best_metric: str = "accuracy"
+    best_mode: str = "max"
+    keep: int = 2
+    compute_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: what to train, on what, with what optimizer, for how long."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def valid_keys() -> list[str]:
+    """Every `section.field` that `--set` accepts (plus `model.<model attribute>`)."""
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.name != "kwargs"]
+    return keys + ["model.<any model attribute>"]
+
+
+def _parse(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Converts a parsed value to a dataclass field's annotated type."""
+    hint = annotation if not isinstance(annotation, str) else None
+    text = annotation if isinstance(annotation, str) else str(annotation)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ValueError(f"--set {key}: None is not allowed; expected a value of type {text}.")
+    if "tuple" in text:
+        if isinstance(value, (str, int, float)):
+            value = (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"--set {key}: expected a tuple such as (1, 2); got {value!r}.")
+        return tuple(value)
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text.startswith(name) or hint is typ:
+            if typ is bool and not isinstance(value, bool):
+                if str(value).lower() in ("true", "1", "yes"):
+                    return True
+                if str(value).lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(f"--set {key}: expected true or false; got {value!r}.")
+            if typ is int and isinstance(value, float) and value.is_integer():
+                return int(value)
+            if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if typ is str:
+                return str(value)
+            if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+                return value
+            raise ValueError(f"--set {key}: expected {name}; got {value!r}.")
+    return value
+
+
+def _field_type(cls, name: str) -> str:
+    """The field's annotation as a string (modules here use `from __future__ import annotations`)."""
+    return str({f.name: f.type for f in dataclasses.fields(cls)}[name])
+
+
+def override(config: Config, assignments: Iterable[str]) -> Config:
+    """Applies `section.key=value` strings to `config`.
+
+    Raises:
+      ValueError: a malformed assignment, an unknown section or key (listing the valid ones), or a
+        value of the wrong type.
+    """
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        section, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise ValueError(f"--set expects section.key=value, e.g. optim.learning_rate=3e-4; got {assignment!r}.")
+        if section not in SECTIONS:
+            raise ValueError(f"--set {key}: unknown section {section!r}; valid keys: {', '.join(valid_keys())}.")
+        current = getattr(config, section)
+        value = _parse(raw.strip())
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        if section == "model" and field not in names:
+            current = dataclasses.replace(current, kwargs={**current.kwargs, field: value})
+        elif field not in names or field == "kwargs":
+            raise ValueError(f"--set {key}: unknown key {field!r} in section {section!r}; valid keys: "
+                             f"{', '.join(k for k in valid_keys() if k.startswith(section + '.'))}.")
+        else:
+            current = dataclasses.replace(current, **{field: _coerce(value, _field_type(SECTIONS[section], field), key)})
+        config = dataclasses.replace(config, **{section: current})
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """A JSON-serialisable dict of `config`."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Rebuilds a `Config` from `to_dict` output (e.g. a run directory's config.json).
+
+    Raises:
+      ValueError: on unknown sections or keys (e.g. a config written by another jnn version).
+    """
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = dict(data.get(section, {}))
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"config section {section!r} has unknown keys {unknown}; valid: {sorted(names)}.")
+        for name, value in values.items():
+            if isinstance(value, list):
+                values[name] = tuple(value)
+        sections[section] = cls(**values)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"config has unknown sections {unknown}; valid: {sorted(SECTIONS)}.")
+    return Config(**sections)

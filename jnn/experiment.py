@@ -1,0 +1,301 @@
+"""A whole run from a `Config`: data, model, optimizer, state, fit, test report, run directory.
+
+This is what `jnn train` and `jnn eval` do, as importable functions (`train`, `evaluate_run`), so
+examples and research code can run a config without the command line.
+
+Run directory layout:
+  config.json       the full config (written first; a resume reads it back)
+  metrics.jsonl     one JSON record per log / evaluation (appended, never truncated)
+  tb/               TensorBoard event files
+  curves.png        loss / accuracy / learning-rate curves
+  checkpoints/      orbax steps (latest k + best), with the data iterator's position
+  test_metrics.json the final test evaluation, with the per-class report
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jnn import data as data_lib
+from jnn import losses as losses_lib
+from jnn import metrics as metrics_lib
+from jnn import models as models_lib
+from jnn.checkpoint import Checkpointer, CheckpointError
+from jnn.config import Config, from_dict, to_dict
+from jnn.optim import make_optimizer
+from jnn.train.loop import EarlyStopping, evaluate, fit
+from jnn.train.state import TrainState, create_train_state
+from jnn.train.step import make_eval_step, make_train_step
+from jnn.writers import make_run_writers
+
+CONFIG_FILE, TEST_FILE, CHECKPOINTS = "config.json", "test_metrics.json", "checkpoints"
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (exists already, or has nothing to resume)."""
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config, ready to `fit`."""
+
+    config: Config
+    splits: data_lib.Splits
+    state: TrainState
+    train_data: data_lib.Pipeline
+    eval_data: Callable[[str], data_lib.Pipeline]
+    loss_fn: Callable
+    note: str | None
+
+
+# ------------------------------------------------------------------ building blocks
+
+
+def resize_images(splits: data_lib.Splits, shape: tuple[int, ...]) -> data_lib.Splits:
+    """Resizes every split's (N, H, W, C) images to `shape` (bilinear; channels tiled from 1)."""
+    h, w, c = shape
+
+    def resize(x: np.ndarray) -> np.ndarray:
+        if x.shape[1:] == tuple(shape):
+            return x
+        y = np.asarray(jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "bilinear"), np.float32)
+        if y.shape[-1] != c:
+            if y.shape[-1] != 1:
+                raise ValueError(f"cannot map {y.shape[-1]} channels to {c}; expected 1 or {c}.")
+            y = np.repeat(y, c, axis=-1)
+        return np.clip(y, 0.0, 1.0)
+
+    def split(arrays):
+        return {**arrays, "inputs": resize(arrays["inputs"])}
+
+    return dataclasses.replace(splits, train=split(splits.train), val=split(splits.val), test=split(splits.test),
+                               input_shape=tuple(shape))
+
+
+def load_data(config: Config) -> tuple[data_lib.Splits, str | None]:
+    """The config's data splits; mnist/cifar10 without a data_dir fall back to resized digits."""
+    d = config.data
+    kwargs: dict[str, Any] = {"val_fraction": d.val_fraction, "seed": d.seed}
+    if d.name in ("mnist", "cifar10") and d.data_dir is None:
+        splits = data_lib.load("digits", **kwargs)
+        note = (f"no data directory given for {d.name}: training on scikit-learn's bundled digits instead"
+                f"{' resized to ' + 'x'.join(map(str, d.input_shape)) if d.input_shape else ''}. "
+                f"Pass --data-dir DIR with the {d.name} files to train on {d.name}.")
+        if d.input_shape:
+            splits = resize_images(splits, d.input_shape)
+        return splits, note
+    if d.name.partition(":")[0] == "text":
+        kwargs = {"seq_len": d.seq_len} | ({"val_fraction": d.val_fraction} if d.val_fraction is not None else {})
+        return data_lib.load(d.name, d.data_dir, **kwargs), None
+    return data_lib.load(d.name, d.data_dir, **kwargs), None
+
+
+def build_model(config: Config, splits: data_lib.Splits):
+    """The config's model, with `num_classes` / `vocab_size` / `block_size` filled from the data."""
+    kwargs = dict(config.model.kwargs)
+    fields = {f.name for f in dataclasses.fields(models_lib.spec(config.model.name).cls)}
+    for field in ("num_classes", "vocab_size"):
+        if field in fields and field not in kwargs:
+            kwargs[field] = splits.num_classes
+    if "block_size" in fields and "block_size" not in kwargs and splits.train["inputs"].ndim == 2:
+        kwargs["block_size"] = splits.train["inputs"].shape[1]
+    if config.train.compute_dtype != "float32" and "dtype" in fields:
+        kwargs["dtype"] = jnp.dtype(config.train.compute_dtype)
+    return models_lib.get(config.model.name, **kwargs)
+
+
+def build(config: Config) -> Experiment:
+    """Builds data, model, optimizer and the initial state of a config."""
+    splits, note = load_data(config)
+    d = config.data
+    normalize = []
+    if d.normalize:
+        mean, std = data_lib.channel_stats(splits.train["inputs"])
+        normalize = [data_lib.Normalize(mean, std)]
+    augment: list = []
+    unknown = sorted(set(d.augment) - {"crop", "flip"})
+    if unknown:
+        raise ValueError(f"data.augment: unknown augmentation(s) {unknown}; expected any of ['crop', 'flip'].")
+    if "crop" in d.augment:
+        augment.append(data_lib.RandomCrop(padding=d.crop_padding))
+    if "flip" in d.augment:
+        augment.append(data_lib.RandomFlip())
+    augment += normalize
+    if d.mixup:
+        augment.append(data_lib.Mixup(splits.num_classes, d.mixup))
+    train_data = data_lib.Pipeline(splits.train, d.batch_size, seed=d.seed, augment=augment or None)
+
+    def eval_data(split: str) -> data_lib.Pipeline:
+        return data_lib.Pipeline(splits.split(split), d.eval_batch_size, train=False, augment=normalize or None)
+
+    model = build_model(config, splits)
+    optim = config.optim
+    if optim.total_steps is None:
+        optim = dataclasses.replace(optim, total_steps=config.train.steps)
+    tx = make_optimizer(optim)
+    example = splits.train["inputs"][:1]
+    state = create_train_state(model, tx, example, jax.random.key(config.train.seed))
+    loss_fn = losses_lib.get(config.train.loss, **(
+        {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
+    return Experiment(config, splits, state, train_data, eval_data, loss_fn, note)
+
+
+# ------------------------------------------------------------------ train / eval a run directory
+
+
+def _say(out, text: str) -> None:
+    if out is not None:
+        print(text, file=out, flush=True)
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    ckpt = os.path.join(run_dir, CHECKPOINTS)
+    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
+def read_config(run_dir: str) -> Config:
+    """The config a run directory was trained with."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise RunDirError(
+            f"{run_dir} has no {CONFIG_FILE}; expected a run directory written by `jnn train`. "
+            f"Fix: pass the directory `jnn train` printed at its start.")
+    with open(path, encoding="utf-8") as f:
+        return from_dict(json.load(f))
+
+
+def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool | None = None,
+          out=sys.stdout) -> dict[str, Any]:
+    """Trains `config` in `run_dir` (or resumes the run there), then evaluates on the test split.
+
+    Returns:
+      A summary: {"run_dir", "steps", "test": {...test metrics...}, "best": {...}, "seconds"}.
+
+    Raises:
+      RunDirError: `run_dir` already holds a run (without `resume`), or has nothing to resume.
+      CheckpointError: the checkpoint does not fit the config's model and optimizer.
+    """
+    start = time.perf_counter()
+    run_dir = os.path.abspath(run_dir)
+    if resume:
+        if not _has_checkpoints(run_dir):
+            raise RunDirError(
+                f"--resume {run_dir}: no checkpoint there; expected {os.path.join(run_dir, CHECKPOINTS)}/<step>. "
+                f"Fix: start a new run with `jnn train`, or point --resume to a run that saved checkpoints.")
+        saved = read_config(run_dir)
+        if to_dict(saved) != to_dict(config):
+            raise RunDirError(
+                f"--resume {run_dir}: the given config differs from the run's {CONFIG_FILE}; a resumed run "
+                f"must use the config it started with. Fix: resume without --preset/--set, or start a new run.")
+    elif _has_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+        raise RunDirError(
+            f"run directory {run_dir} already holds a run; refusing to overwrite it. "
+            f"Fix: `jnn train --resume {run_dir}` to continue it, or choose another --run-dir.")
+
+    exp = build(config)  # any data or model error is raised here, before anything is written
+    os.makedirs(run_dir, exist_ok=True)
+    if not resume:
+        with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(to_dict(config), f, indent=2)
+    if exp.note:
+        _say(out, f"note: {exp.note}")
+    t = config.train
+    state, data_state = exp.state, None
+    with Checkpointer(os.path.join(run_dir, CHECKPOINTS), keep=t.keep, best_metric=t.best_metric,
+                      best_mode=t.best_mode) as checkpointer:
+        if resume:
+            state, data_state = checkpointer.restore(exp.state)
+            _say(out, f"resumed {run_dir} at step {int(state.step)}")
+        _say(out, f"training {config.model.name} on {exp.splits.name} ({len(exp.splits.train['labels'])} train / "
+                  f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
+                  f"steps; run directory {run_dir}")
+        writer = make_run_writers(run_dir)
+        try:
+            result = fit(
+                state, exp.train_data, num_steps=t.steps, loss_fn=exp.loss_fn,
+                eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
+                eval_every=t.eval_every, log_every=t.log_every,
+                early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
+                writer=writer, checkpointer=checkpointer, data_state=data_state, progress=progress,
+            )
+            for record in result.history:
+                if record["split"] == "eval":
+                    _say(out, _line(record))
+            final = result.state
+            best_step = checkpointer.best_step()
+            if best_step is not None and best_step != int(final.step):
+                final, _ = checkpointer.restore(exp.state, step=best_step)
+            test = _test(exp, final)
+            writer.write(int(final.step), test, "test")
+        finally:
+            writer.close()
+    test_path = os.path.join(run_dir, TEST_FILE)
+    with open(test_path, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(test), f, indent=2)
+    _say(out, _report_text(exp, test))
+    seconds = time.perf_counter() - start
+    _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(final.step)}); "
+              f"{seconds:.1f} s; run directory {run_dir}")
+    return {"run_dir": run_dir, "steps": int(result.state.step), "test": test, "best": result.best,
+            "stopped_early": result.stopped_early, "seconds": seconds, "history": result.history}
+
+
+def _test(exp: Experiment, state: TrainState) -> dict[str, Any]:
+    classification = exp.state.spec.output_shape and exp.splits.train["labels"].ndim == 1
+    eval_step = jax.jit(make_eval_step(exp.loss_fn, confusion=bool(classification)))
+    return evaluate(state, exp.eval_data("test"), eval_step)
+
+
+def _line(record: dict) -> str:
+    values = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "split"))
+    return f"[{record['split']}] step {record['step']}  {values}"
+
+
+def _report_text(exp: Experiment, test: dict) -> str:
+    if "report" not in test:
+        return "test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if np.ndim(v) == 0)
+    return "test split, per class:\n" + metrics_lib.format_report(test["report"], exp.splits.class_names)
+
+
+def _jsonable(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _jsonable(v) for k, v in tree.items()}
+    value = np.asarray(tree)
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None = None,
+                 out=sys.stdout) -> dict[str, Any]:
+    """Evaluates a run directory's checkpoint (best, or `step`) on its test split.
+
+    Raises:
+      RunDirError / CheckpointError: not a run directory, or no usable checkpoint.
+    """
+    run_dir = os.path.abspath(run_dir)
+    config = read_config(run_dir)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
+    if not _has_checkpoints(run_dir):
+        raise RunDirError(f"{run_dir} has no checkpoints to evaluate; expected {CHECKPOINTS}/<step> folders.")
+    exp = build(config)
+    t = config.train
+    with Checkpointer(os.path.join(run_dir, CHECKPOINTS), keep=t.keep, best_metric=t.best_metric,
+                      best_mode=t.best_mode) as checkpointer:
+        step = step if step is not None else (checkpointer.best_step() or checkpointer.latest_step())
+        state, _ = checkpointer.restore(exp.state, step=step)
+    test = _test(exp, state)
+    _say(out, _report_text(exp, test))
+    _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(state.step)})")
+    return test
+
+
+__all__ = ["Experiment", "RunDirError", "CheckpointError", "build", "evaluate_run", "load_data", "read_config",
+           "resize_images", "train"]

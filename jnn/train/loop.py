@@ -1,0 +1,271 @@
+"""fit(): the training loop around the pure step: evaluation, early stopping, logging, checkpoints.
+
+The loop never syncs with the device per step: train metrics of a logging interval are fetched
+together, and evaluation accumulates on device and is read once per evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from jnn import metrics as metrics_lib
+from jnn.train.state import TrainState
+from jnn.train.step import check_batch, make_eval_step, make_train_step
+
+Batch = Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops when `metric` has not improved by `min_delta` for `patience` evaluations.
+
+    Attributes:
+      metric: an evaluation metric name, e.g. "accuracy" or "loss".
+      mode: "max" if larger is better, "min" otherwise.
+      patience: evaluations without improvement before stopping.
+      min_delta: the smallest change that counts as an improvement.
+    """
+
+    metric: str = "accuracy"
+    mode: str = "max"
+    patience: int = 5
+    min_delta: float = 0.0
+    best: float | None = None
+    best_step: int | None = None
+    wait: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"EarlyStopping.mode must be 'max' or 'min'; got {self.mode!r}.")
+
+    def improved(self, value: float) -> bool:
+        if self.best is None or math.isnan(self.best):
+            return not math.isnan(value)
+        delta = value - self.best if self.mode == "max" else self.best - value
+        return delta > self.min_delta
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Records an evaluation; returns True when training should stop."""
+        if self.metric not in metrics:
+            raise ValueError(
+                f"EarlyStopping: metric {self.metric!r} is not among the evaluation metrics "
+                f"{sorted(metrics)}. Fix: choose one of those.")
+        value = float(metrics[self.metric])
+        if self.improved(value):
+            self.best, self.best_step, self.wait = value, step, 0
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns: the final state and what happened."""
+
+    state: TrainState
+    history: list[dict]
+    best: dict | None
+    stopped_early: bool
+    data_state: dict | None
+
+
+def pad_batch(batch: Batch, size: int) -> dict:
+    """Pads a (last, partial) batch to `size` examples with a zero "mask" on the padding."""
+    n = len(batch["labels"])
+    mask = np.asarray(batch.get("mask", np.ones(n, np.float32)), np.float32)
+    if n == size:
+        return {**batch, "mask": mask}
+    if n > size:
+        raise ValueError(f"pad_batch: batch has {n} examples, more than the padded size {size}.")
+
+    def pad(a):
+        a = np.asarray(a)
+        return np.concatenate([a, np.zeros((size - n,) + a.shape[1:], a.dtype)])
+
+    return {**{k: pad(v) for k, v in batch.items() if k != "mask"}, "mask": pad(mask)}
+
+
+def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | None = None, *,
+             loss_fn: Any = None, confusion: bool = False) -> dict[str, Any]:
+    """Evaluates `state` over `data`, accumulating on device and reading once at the end.
+
+    Batches are padded to the first batch's size with a mask, so the last partial batch neither
+    recompiles the step nor changes the result.
+
+    Args:
+      state: the state to evaluate.
+      data: an iterable of batches (e.g. a `jnn.data.Pipeline(..., train=False)`).
+      eval_step: a (jitted) step from `make_eval_step`; built from `loss_fn` when None.
+      loss_fn: the loss, when `eval_step` is None.
+      confusion: also return the confusion matrix and a per-class report (when `eval_step` is None).
+
+    Returns:
+      The computed metrics, e.g. {"loss": 0.05, "accuracy": 0.99, "confusion": (C, C) array,
+      "report": {...}} (the last two only with a confusion matrix).
+    """
+    if eval_step is None:
+        if loss_fn is None:
+            raise ValueError("evaluate: pass eval_step or loss_fn.")
+        eval_step = jax.jit(make_eval_step(loss_fn, confusion=confusion))
+    total, size = None, None
+    for batch in data:
+        size = size or len(batch["labels"])
+        total = metrics_lib.merge(total, eval_step(state, pad_batch(batch, size)))
+    if total is None:
+        raise ValueError("evaluate: the evaluation data yielded no batches.")
+    result = metrics_lib.compute(total)
+    if "confusion" in result:
+        result["report"] = jax.device_get(metrics_lib.classification_report(result["confusion"]))
+    return result
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+    fetched = jax.device_get(pending)
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _progress(progress: bool | None, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    enabled = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step",
+                leave=False, file=sys.stderr)
+
+
+def fit(
+    state: TrainState,
+    train_data: Iterable[Batch],
+    *,
+    num_steps: int,
+    loss_fn: Any = None,
+    train_step: Callable | None = None,
+    eval_step: Callable | None = None,
+    eval_data: Callable[[], Iterable[Batch]] | Iterable[Batch] | None = None,
+    eval_every: int | None = None,
+    log_every: int = 50,
+    early_stopping: EarlyStopping | None = None,
+    writer: Any = None,
+    checkpointer: Any = None,
+    data_state: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+) -> FitResult:
+    """Trains `state` until `num_steps` (counting from step 0), evaluating and checkpointing.
+
+    Example:
+      >>> splits = jnn.data.load("digits")
+      >>> result = jnn.fit(state, jnn.data.Pipeline(splits.train, 64), num_steps=500,
+      ...                  loss_fn="cross_entropy", eval_data=jnn.data.Pipeline(splits.val, 256, train=False),
+      ...                  eval_every=100, early_stopping=jnn.EarlyStopping("accuracy", patience=3))
+
+    Args:
+      state: the state to train; a restored state continues from its `step`.
+      train_data: an iterable (or iterator) of batches; if its iterator has `get_state`/`set_state`
+        (grain), its position is checkpointed and restored with `data_state`.
+      num_steps: the step at which training ends.
+      loss_fn: the loss, used to build the steps when `train_step`/`eval_step` are not given.
+      train_step: a compiled step `(state, batch) -> (state, metrics)`; default
+        `jax.jit(make_train_step(loss_fn), donate_argnums=0)`.
+      eval_step: a compiled eval step; default `jax.jit(make_eval_step(loss_fn))`.
+      eval_data: batches to evaluate on (an iterable re-iterated at each evaluation, or a function
+        returning one).
+      eval_every: evaluate every this many steps (and at the end); default: 10 times per run.
+      log_every: average and write train metrics every this many steps.
+      early_stopping: an `EarlyStopping` on an evaluation metric.
+      writer: any object with `write(step, metrics, split)` (see `jnn.writers`).
+      checkpointer: a `jnn.Checkpointer`; saved at each evaluation (with its metrics) and at the end.
+      data_state: the train iterator's saved position, from `Checkpointer.restore`.
+      progress: show a tqdm bar (default: only when stderr is a terminal).
+
+    Returns:
+      A `FitResult` with the final state, the history of logged records, the best evaluation and
+      whether early stopping ended the run.
+    """
+    if train_step is None or eval_step is None:
+        if loss_fn is None:
+            raise ValueError("fit: pass loss_fn, or both train_step and eval_step.")
+    train_step = train_step or jax.jit(make_train_step(loss_fn), donate_argnums=0)
+    if eval_data is not None and eval_step is None:
+        eval_step = jax.jit(make_eval_step(loss_fn))
+    eval_every = eval_every or max(num_steps // 10, 1)
+    iterator: Iterator[Batch] = train_data if hasattr(train_data, "__next__") else iter(train_data)
+    if data_state is not None:
+        if not hasattr(iterator, "set_state"):
+            raise ValueError("fit: data_state was given but the train data iterator has no set_state().")
+        iterator.set_state(dict(data_state))
+
+    history: list[dict] = []
+    best: dict | None = None
+    stopped_early = False
+    step = int(jax.device_get(state.step))
+    pending: list[dict] = []
+    batch_size = None
+    last_log_time, last_log_step = time.perf_counter(), step
+
+    def log(split: str, values: Mapping[str, float]):
+        record = {"step": step, "split": split, **values}
+        history.append(record)
+        if writer is not None:
+            writer.write(step, values, split)
+
+    def run_eval() -> dict[str, float] | None:
+        nonlocal best, stopped_early
+        if eval_data is None:
+            return None
+        data = eval_data() if callable(eval_data) else eval_data
+        values = {k: v for k, v in evaluate(state, data, eval_step).items() if np.ndim(v) == 0}
+        log("eval", values)
+        if early_stopping is not None:
+            stopped_early = early_stopping.update(step, values)
+            if early_stopping.best_step == step:
+                best = {"step": step, **values}
+        elif best is None or step >= best["step"]:
+            best = {"step": step, **values}
+        return values
+
+    def save(values: Mapping[str, float] | None):
+        if checkpointer is None:
+            return
+        position = iterator.get_state() if hasattr(iterator, "get_state") else None
+        checkpointer.save(state, data_state=position, metrics=values)
+
+    bar = _progress(progress, num_steps, step)
+    try:
+        while step < num_steps and not stopped_early:
+            batch = next(iterator)
+            if batch_size is None:  # host-side check of the first batch, with label values
+                check_batch(state, batch, where="fit")
+                batch_size = len(batch["labels"])
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            bar.update(1)
+            if step % log_every == 0 or step == num_steps:
+                values = _mean_metrics(pending)
+                now = time.perf_counter()
+                values["examples_per_sec"] = (step - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step, pending = now, step, []
+                log("train", values)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
+                                 if k in ("loss", "accuracy", "learning_rate", "examples_per_sec")}, refresh=False)
+            if step % eval_every == 0 or step == num_steps:
+                values = run_eval()
+                save(values)
+        if stopped_early and step % eval_every:  # stopped between evaluations: keep the final state
+            save(None)
+    except KeyboardInterrupt:  # keep what was trained: checkpoint, then re-raise
+        save(None)
+        raise
+    finally:
+        bar.close()
+        if checkpointer is not None:
+            checkpointer.wait()
+        if writer is not None and hasattr(writer, "flush"):
+            writer.flush()
+    position = iterator.get_state() if hasattr(iterator, "get_state") else None
+    return FitResult(state=state, history=history, best=best, stopped_early=stopped_early, data_state=position)

@@ -1,0 +1,174 @@
+"""Metric writers: JSON lines, TensorBoard event files (tensorboardX), PNG curves, console.
+
+Every writer has `write(step, metrics, split)` and `close()`; `MultiWriter` fans out to several.
+Values are host floats: the loop converts device metrics once per logging interval, not per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Mapping, Sequence, TextIO
+
+import numpy as np
+
+Scalars = Mapping[str, float]
+
+
+def scalars(metrics: Mapping[str, object]) -> dict[str, float]:
+    """The scalar entries of a metrics dict as Python floats (arrays such as a confusion dropped)."""
+    return {k: float(np.asarray(v)) for k, v in metrics.items()
+            if not isinstance(v, Mapping) and np.ndim(v) == 0}
+
+
+class JsonlWriter:
+    """Appends one JSON object per write to `path`: `{"step", "split", "time", **metrics}`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # append: a resumed run keeps its history
+
+    def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
+        record = {"step": int(step), "split": split, "time": round(time.time(), 3), **scalars(metrics)}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Reads a metrics.jsonl file back (skipping a torn last line from a crash)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class TensorBoardWriter:
+    """TensorBoard event files under `logdir`, one scalar tag per `split/metric`."""
+
+    def __init__(self, logdir: str | os.PathLike):
+        from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
+
+        self._writer = SummaryWriter(os.fspath(logdir))
+
+    def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
+        for name, value in scalars(metrics).items():
+            self._writer.add_scalar(f"{split}/{name}", value, int(step))
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
+
+
+class CurvesWriter:
+    """A PNG of the loss, accuracy and learning-rate curves, redrawn on `flush()` and `close()`."""
+
+    PANELS = ("loss", "accuracy", "learning_rate")
+
+    def __init__(self, path: str | os.PathLike, history: Sequence[Mapping] = ()):
+        self.path = os.fspath(path)
+        self._series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+        for record in history:  # a resumed run draws its whole history
+            self.write(record["step"], record, record.get("split", "train"))
+
+    def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
+        for name, value in scalars({k: v for k, v in metrics.items() if k in self.PANELS}).items():
+            self._series[(split, name)].append((int(step), value))
+
+    def flush(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [p for p in self.PANELS if any(name == p for _, name in self._series)]
+        if not panels:
+            return
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            for (split, name), points in sorted(self._series.items()):
+                if name == panel and points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, label=split, marker="o" if len(points) < 30 else None, markersize=3)
+            ax.set_title(panel.replace("_", " "))
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        tmp = self.path + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.path)  # never leave a half-written PNG
+
+    def close(self) -> None:
+        self.flush()
+
+
+class ConsoleWriter:
+    """One line per write, e.g. `[eval] step 200  loss 0.0412  accuracy 0.9889`."""
+
+    def __init__(self, stream: TextIO | None = None, splits: Sequence[str] | None = None):
+        self._stream = stream
+        self._splits = splits
+
+    def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
+        if self._splits is not None and split not in self._splits:
+            return
+        parts = [f"[{split}] step {int(step)}"]
+        for name, value in scalars(metrics).items():
+            parts.append(f"{name} {_fmt(value)}")
+        print("  ".join(parts), file=self._stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _fmt(value: float) -> str:
+    if value == 0 or math.isnan(value) or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+class MultiWriter:
+    """Writes to every writer in turn."""
+
+    def __init__(self, writers: Sequence):
+        self.writers = list(writers)
+
+    def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
+        for writer in self.writers:
+            writer.write(step, metrics, split)
+
+    def flush(self) -> None:
+        for writer in self.writers:
+            getattr(writer, "flush", lambda: None)()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def make_run_writers(run_dir: str | os.PathLike, *, tensorboard: bool = True, png: bool = True,
+                     console: bool = False) -> MultiWriter:
+    """The standard writers of a run directory: metrics.jsonl, tb/ event files, curves.png."""
+    run_dir = os.fspath(run_dir)
+    jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+    history = read_jsonl(jsonl_path) if os.path.exists(jsonl_path) else []
+    writers: list = [JsonlWriter(jsonl_path)]
+    if tensorboard:
+        writers.append(TensorBoardWriter(os.path.join(run_dir, "tb")))
+    if png:
+        writers.append(CurvesWriter(os.path.join(run_dir, "curves.png"), history))
+    if console:
+        writers.append(ConsoleWriter())
+    return MultiWriter(writers)
