@@ -3,24 +3,43 @@
 flax.linen models, optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
-from jnn import losses, metrics, optim
+from jnn import config, data, losses, metrics, models, optim, presets, writers
+from jnn.checkpoint import Checkpointer, CheckpointError
+from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
+from jnn.train.loop import EarlyStopping, FitResult, evaluate, fit, pad_batch
 from jnn.train.state import InputSpec, TrainState, create_train_state
 from jnn.train.step import check_batch, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "Config",
+    "DataConfig",
+    "EarlyStopping",
+    "FitResult",
     "InputSpec",
+    "ModelConfig",
     "OptimConfig",
+    "TrainConfig",
     "TrainState",
     "check_batch",
+    "config",
     "create_train_state",
+    "data",
+    "evaluate",
+    "fit",
     "losses",
     "make_eval_step",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
     "metrics",
+    "models",
     "optim",
+    "pad_batch",
+    "presets",
+    "writers",
 ]

@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    train.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                       help="stop at STEP with a checkpoint, as if preempted; continue with --resume")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: when stderr is a terminal)")
 
@@ -46,13 +48,14 @@ def _train(args) -> int:
     from jnn import experiment, presets
 
     if args.resume:
+        experiment.check_resumable(args.resume)
         config = experiment.read_config(args.resume)
         if args.preset or args.set or args.debug or args.data_dir:
             base = presets.get(args.preset or "digits", debug=args.debug) if args.preset or args.debug else config
             config = config_lib.override(base, args.set)
             if args.data_dir:
                 config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
-        experiment.train(config, args.resume, resume=True, progress=args.progress)
+        experiment.train(config, args.resume, resume=True, progress=args.progress, stop_at=args.stop_at)
         return 0
     name = args.preset or "digits"
     config = presets.get(name, debug=args.debug)
@@ -60,7 +63,7 @@ def _train(args) -> int:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
     config = config_lib.override(config, args.set)
     run_dir = args.run_dir or os.path.join("runs", f"{name}{'-debug' if args.debug else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
-    experiment.train(config, run_dir, progress=args.progress)
+    experiment.train(config, run_dir, progress=args.progress, stop_at=args.stop_at)
     return 0
 
 

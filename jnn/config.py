@@ -199,6 +199,8 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         for name, value in values.items():
             if isinstance(value, list):
                 values[name] = tuple(value)
+            elif name == "kwargs":  # JSON has no tuples; model attributes such as stage_sizes are
+                values[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         sections[section] = cls(**values)
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:

@@ -152,13 +152,21 @@ def build(config: Config) -> Experiment:
 
 
 def _say(out, text: str) -> None:
-    if out is not None:
-        print(text, file=out, flush=True)
+    print(text, file=out or sys.stdout, flush=True)  # sys.stdout looked up now, not at import
 
 
 def _has_checkpoints(run_dir: str) -> bool:
     ckpt = os.path.join(run_dir, CHECKPOINTS)
     return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
+def check_resumable(run_dir: str) -> None:
+    """Raises RunDirError unless `run_dir` holds checkpoints to resume from."""
+    run_dir = os.path.abspath(run_dir)
+    if not _has_checkpoints(run_dir):
+        raise RunDirError(
+            f"--resume {run_dir}: no checkpoint there; expected {os.path.join(run_dir, CHECKPOINTS)}/<step>. "
+            f"Fix: start a new run with `jnn train`, or point --resume to a run that saved checkpoints.")
 
 
 def read_config(run_dir: str) -> Config:
@@ -173,8 +181,11 @@ def read_config(run_dir: str) -> Config:
 
 
 def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool | None = None,
-          out=sys.stdout) -> dict[str, Any]:
+          stop_at: int | None = None, out=None) -> dict[str, Any]:
     """Trains `config` in `run_dir` (or resumes the run there), then evaluates on the test split.
+
+    `stop_at` ends the run early at that step, with a checkpoint, as a preempted job would (for
+    time-limited jobs); `resume=True` later continues it to `config.train.steps`, bit for bit.
 
     Returns:
       A summary: {"run_dir", "steps", "test": {...test metrics...}, "best": {...}, "seconds"}.
@@ -186,10 +197,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
     start = time.perf_counter()
     run_dir = os.path.abspath(run_dir)
     if resume:
-        if not _has_checkpoints(run_dir):
-            raise RunDirError(
-                f"--resume {run_dir}: no checkpoint there; expected {os.path.join(run_dir, CHECKPOINTS)}/<step>. "
-                f"Fix: start a new run with `jnn train`, or point --resume to a run that saved checkpoints.")
+        check_resumable(run_dir)
         saved = read_config(run_dir)
         if to_dict(saved) != to_dict(config):
             raise RunDirError(
@@ -219,8 +227,9 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                   f"steps; run directory {run_dir}")
         writer = make_run_writers(run_dir)
         try:
+            num_steps = t.steps if stop_at is None else min(stop_at, t.steps)
             result = fit(
-                state, exp.train_data, num_steps=t.steps, loss_fn=exp.loss_fn,
+                state, exp.train_data, num_steps=num_steps, loss_fn=exp.loss_fn,
                 eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
                 eval_every=t.eval_every, log_every=t.log_every,
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
@@ -229,6 +238,10 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             for record in result.history:
                 if record["split"] == "eval":
                     _say(out, _line(record))
+            if num_steps < t.steps:
+                _say(out, f"stopped at step {num_steps} of {t.steps}; continue with `jnn train --resume {run_dir}`")
+                return {"run_dir": run_dir, "steps": int(result.state.step), "test": None, "best": result.best,
+                        "stopped_early": False, "seconds": time.perf_counter() - start, "history": result.history}
             final = result.state
             best_step = checkpointer.best_step()
             if best_step is not None and best_step != int(final.step):
@@ -273,7 +286,7 @@ def _jsonable(tree: Any) -> Any:
 
 
 def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None = None,
-                 out=sys.stdout) -> dict[str, Any]:
+                 out=None) -> dict[str, Any]:
     """Evaluates a run directory's checkpoint (best, or `step`) on its test split.
 
     Raises:
@@ -297,5 +310,5 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
     return test
 
 
-__all__ = ["Experiment", "RunDirError", "CheckpointError", "build", "evaluate_run", "load_data", "read_config",
+__all__ = ["Experiment", "RunDirError", "CheckpointError", "build", "check_resumable", "evaluate_run", "load_data", "read_config",
            "resize_images", "train"]

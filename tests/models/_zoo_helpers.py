@@ -1,6 +1,7 @@
 """Shared checks for the model-zoo tests: parameter counts, jit agreement, gradients, training."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,11 @@ from jax.test_util import check_grads
 from sklearn import datasets
 
 import _zoo_tolerances as tol
+
+
+# XLA:CPU spends seconds optimising each tiny test program and microseconds running it:
+# compile without backend optimisations (about 3x faster to compile, slower to run).
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def key(seed: int = 0) -> jax.Array:
@@ -43,19 +49,19 @@ def param_count(model, x) -> int:
 
 def init(model, x, seed: int = 0, **kwargs) -> Any:
     """``model.init`` under jit (op-by-op initialisation is slow on CPU)."""
-    return jax.jit(lambda rng, x: model.init(rng, x, **kwargs))(key(seed), x)
+    return jit(lambda rng, x: model.init(rng, x, **kwargs))(key(seed), x)
 
 
 def apply(model, variables, x, **kwargs) -> Any:
     """``model.apply`` under jit; ``rngs`` and ``mutable`` pass through as keywords."""
     rngs = kwargs.pop("rngs", None)
-    return jax.jit(lambda v, x, r: model.apply(v, x, rngs=r, **kwargs))(variables, x, rngs)
+    return jit(lambda v, x, r: model.apply(v, x, rngs=r, **kwargs))(variables, x, rngs)
 
 
 def assert_jit_matches(model, variables, x, **kwargs) -> Any:
     """Runs ``apply`` op by op and under jit; asserts equal results and returns them."""
     eager = model.apply(variables, x, **kwargs)
-    jitted = jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+    jitted = jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
     chex.assert_trees_all_close(eager, jitted, rtol=tol.JIT_RTOL, atol=tol.JIT_ATOL)
     return jitted
 
@@ -67,13 +73,13 @@ def check_param_grads(fn: Callable[[Any], Any], params: Any) -> None:
     """
     dtypes = {str(p.dtype) for p in jax.tree.leaves(params)}
     assert dtypes == {"float64"}, f"gradient checks need float64 parameters, got {dtypes}"
-    check_grads(jax.jit(fn), (params,), order=1, modes=("rev",), eps=tol.GRAD_EPS,
+    check_grads(jit(fn), (params,), order=1, modes=("rev",), eps=tol.GRAD_EPS,
                 rtol=tol.GRAD_RTOL, atol=tol.GRAD_ATOL)
 
 
 def check_input_grads(fn: Callable[[Any], Any], x: Any) -> None:
     """Like ``check_param_grads`` for the gradient with respect to a float input."""
-    check_grads(jax.jit(fn), (x,), order=1, modes=("rev",), eps=tol.GRAD_EPS,
+    check_grads(jit(fn), (x,), order=1, modes=("rev",), eps=tol.GRAD_EPS,
                 rtol=tol.GRAD_RTOL, atol=tol.GRAD_ATOL)
 
 
@@ -82,16 +88,18 @@ def train(loss_fn: Callable[[Any, jax.Array], jax.Array], params: Any, steps: in
     """Minimises ``loss_fn(params, rng)`` with Adam; returns (first loss, mean of the last 10)."""
     tx = optax.adam(learning_rate)
 
-    @jax.jit
-    def step(carry, rng):
-        params, opt_state = carry
+    # A Python loop over a jitted step: XLA:CPU runs convolutions far slower inside lax.scan.
+    @jit
+    def step(params, opt_state, rng):
         loss, grads = jax.value_and_grad(loss_fn)(params, rng)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        return optax.apply_updates(params, updates), opt_state, loss
 
-    rngs = jax.random.split(key(seed), steps)
-    _, losses = jax.lax.scan(step, (params, tx.init(params)), rngs)
-    losses = np.asarray(losses)
+    opt_state, rng, losses = tx.init(params), key(seed), []
+    for i in range(steps):
+        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(rng, i))
+        losses.append(loss)
+    losses = np.asarray(jax.device_get(losses))
     assert np.all(np.isfinite(losses)), losses
     return float(losses[0]), float(losses[-10:].mean())
 

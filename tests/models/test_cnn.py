@@ -79,7 +79,7 @@ def test_bf16_close_to_f32():
 
 
 def test_digits_cnn_trains():
-    x, y = zh.digits()
+    x, y = zh.digits(128)
     model = models.get("digits_cnn")
     params = zh.init(model, x)["params"]
 
@@ -87,5 +87,5 @@ def test_digits_cnn_trains():
         logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
         return zh.cross_entropy(logits, y)
 
-    first, last = zh.train(loss, params, steps=60, learning_rate=3e-3)
+    first, last = zh.train(loss, params, steps=40, learning_rate=3e-3)
     assert last < tol.TRAIN_LOSS_RATIO * first and last < 0.3, (first, last)

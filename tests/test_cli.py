@@ -1,0 +1,119 @@
+"""The `jnn` command end to end: train, resume bit for bit, eval, info, and every user error."""
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from jnn import cli, experiment, presets
+from jnn.checkpoint import Checkpointer
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _params(run_dir, step=None):
+    config = experiment.read_config(run_dir)
+    exp = experiment.build(config)
+    with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+        state, _ = ckpt.restore(exp.state, step=step)
+    return state
+
+
+@pytest.mark.slow
+def test_default_train_reaches_99_percent_on_digits(tmp_path, capsys):
+    code, out, _ = _run(["train", "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 0, out
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert test["accuracy"] >= 0.99, out
+    assert "weighted avg" in out and "test accuracy" in out
+    for name in ("config.json", "metrics.jsonl", "curves.png", "tb", "checkpoints"):
+        assert (tmp_path / "run" / name).exists(), name
+
+
+def test_debug_run_then_eval_and_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, _ = _run(["train", "--debug", "--run-dir", str(run), "--set", "optim.learning_rate=0.01"], capsys)
+    assert code == 0, out
+    config = json.loads((run / "config.json").read_text())
+    assert config["optim"]["learning_rate"] == 0.01 and config["train"]["steps"] == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "eval", "test"}
+    code, out, _ = _run(["eval", str(run)], capsys)
+    assert code == 0 and "test accuracy" in out
+
+
+def test_stop_and_resume_is_bit_for_bit_identical_to_straight_run(tmp_path, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _run(["train", "--debug", "--run-dir", str(straight)], capsys)[0] == 0
+    code, out, _ = _run(["train", "--debug", "--run-dir", str(stopped), "--stop-at", "3"], capsys)
+    assert code == 0 and "--resume" in out
+    assert not (stopped / "test_metrics.json").exists()
+    code, out, _ = _run(["train", "--resume", str(stopped)], capsys)
+    assert code == 0 and "resumed" in out, out
+    a, b = _params(str(straight), step=8), _params(str(stopped), step=8)
+    chex.assert_trees_all_equal(a.params, b.params)
+    chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+    np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
+
+
+def test_info_lists_backend_and_versions(capsys):
+    code, out, _ = _run(["info"], capsys)
+    assert code == 0 and "jax backend: cpu" in out and "flax:" in out and "devices (8)" in out
+
+
+def test_presets_and_models_are_listed(capsys):
+    _, out, _ = _run(["presets"], capsys)
+    assert all(name in out for name in presets.names())
+    _, out, _ = _run(["models"], capsys)
+    assert "resnet20" in out and "gpt2_small" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "resnet"], "unknown preset 'resnet'; expected one of"),
+    (["train", "--debug", "--set", "optim.lr=1"], "unknown key 'lr' in section 'optim'; valid keys"),
+    (["train", "--debug", "--set", "model.depth=3"], "has no attribute(s) ['depth']. Valid overrides"),
+    (["train", "--preset", "mlp_mnist", "--debug", "--data-dir", "{tmp}/nothing"], "train-images-idx3-ubyte"),
+    (["train", "--preset", "lenet5_cifar10", "--debug", "--data-dir", "{tmp}/empty"], "cifar"),
+    (["train", "--resume", "{tmp}/empty"], "no checkpoint there"),
+    (["eval", "{tmp}/empty"], "no config.json"),
+])
+def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_data_dir_points_to_digits(tmp_path, capsys):
+    code, _, err = _run(["train", "--preset", "mlp_mnist", "--debug", "--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and "jnn train" in err and "digits" in err
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(["train", "--debug", "--run-dir", str(run)], capsys)[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = _run(["train", "--debug", "--run-dir", str(run)], capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    code, _, err = _run(["train", "--resume", str(run), "--set", "optim.learning_rate=0.5"], capsys)
+    assert code == 2 and "differs from the run's config.json" in err
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before, "nothing already written in a run directory is lost or changed"
+
+
+def test_incompatible_checkpoint_is_reported(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(["train", "--debug", "--run-dir", str(run)], capsys)[0] == 0
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["kwargs"] = {"hidden_sizes": [7]}  # the config no longer matches the weights
+    (run / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(["eval", str(run)], capsys)
+    assert code == 2 and "could be restored into the current model" in err

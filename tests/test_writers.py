@@ -1,0 +1,59 @@
+"""Run-directory writers: JSON lines, TensorBoard event files (read back), PNG curves."""
+import glob
+import struct
+
+import matplotlib.image
+import numpy as np
+
+from jnn import writers
+
+
+def _read_tensorboard_scalars(logdir):
+    """Parses TFRecord-framed Event protos the way TensorBoard does: {tag: [(step, value)]}."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in glob.glob(f"{logdir}/events.out.tfevents.*"):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            record = data[pos + 12:pos + 12 + length]  # skip length + its crc
+            pos += 12 + length + 4  # data + its crc
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_run_writers_write_all_three_and_resume_appends(tmp_path):
+    w = writers.make_run_writers(tmp_path)
+    w.write(10, {"loss": 1.0, "accuracy": 0.5, "learning_rate": 0.1, "confusion": np.eye(2)}, "train")
+    w.write(20, {"loss": 0.5, "accuracy": 0.75, "learning_rate": 0.05}, "train")
+    w.write(20, {"loss": 0.6, "accuracy": 0.7}, "eval")
+    w.close()
+    records = writers.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["split"], r["loss"]) for r in records] == [(10, "train", 1.0), (20, "train", 0.5), (20, "eval", 0.6)]
+    assert "confusion" not in records[0]
+    scalars = _read_tensorboard_scalars(tmp_path / "tb")
+    assert scalars["train/loss"] == [(10, 1.0), (20, 0.5)]
+    assert scalars["eval/accuracy"] == [(20, np.float32(0.7))]
+    image = matplotlib.image.imread(tmp_path / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
+    # A resumed run appends, never truncates.
+    w2 = writers.make_run_writers(tmp_path, tensorboard=False)
+    w2.write(30, {"loss": 0.25}, "train")
+    w2.close()
+    assert [r["step"] for r in writers.read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 20, 30]
+
+
+def test_read_jsonl_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert writers.read_jsonl(path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_console_writer_formats_one_line(capsys):
+    writers.ConsoleWriter().write(7, {"loss": 0.123456, "learning_rate": 3e-5}, "eval")
+    assert capsys.readouterr().out.strip() == "[eval] step 7  loss 0.1235  learning_rate 3.000e-05"
