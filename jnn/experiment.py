@@ -142,7 +142,7 @@ def build(config: Config) -> Experiment:
         optim = dataclasses.replace(optim, total_steps=config.train.steps)
     tx = make_optimizer(optim)
     example = splits.train["inputs"][:1]
-    state = create_train_state(model, tx, example, jax.random.key(config.train.seed))
+    state = create_train_state(model, tx, example, config.train.seed)
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
     return Experiment(config, splits, state, train_data, eval_data, loss_fn, note)

@@ -162,10 +162,17 @@ def _is_accumulator(x: Any) -> bool:
 
 
 def compute(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Reads accumulators into values: floats for `Average`, an (C, C) array for the confusion."""
+    """Reads accumulators into values: floats for `Average`, an (C, C) array for the confusion.
+
+    One transfer to the host, then numpy: no small device computations (each would compile).
+    """
     out = {}
-    for name, value in metrics.items():
-        value = value.compute() if _is_accumulator(value) else value
-        value = np.asarray(jax.device_get(value))
+    for name, value in jax.device_get(dict(metrics)).items():
+        if isinstance(value, Average):
+            count = float(value.count)
+            value = float(value.total) / count if count > 0 else float("nan")
+        elif isinstance(value, ConfusionMatrix):
+            value = np.asarray(value.matrix)
+        value = np.asarray(value)
         out[name] = float(value) if value.ndim == 0 else value
     return out

@@ -78,14 +78,21 @@ class CurvesWriter:
     def __init__(self, path: str | os.PathLike, history: Sequence[Mapping] = ()):
         self.path = os.fspath(path)
         self._series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+        self._dirty = False
         for record in history:  # a resumed run draws its whole history
             self.write(record["step"], record, record.get("split", "train"))
 
     def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
+        if split == "test":  # a single final point: reported in text, not drawn
+            return
         for name, value in scalars({k: v for k, v in metrics.items() if k in self.PANELS}).items():
             self._series[(split, name)].append((int(step), value))
+            self._dirty = True
 
     def flush(self) -> None:
+        if not self._dirty:  # drawing takes ~1 s: only when there is something new
+            return
+        self._dirty = False
         import matplotlib
 
         matplotlib.use("Agg")

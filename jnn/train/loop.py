@@ -121,8 +121,11 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
         raise ValueError("evaluate: the evaluation data yielded no batches.")
     result = metrics_lib.compute(total)
     if "confusion" in result:
-        result["report"] = jax.device_get(metrics_lib.classification_report(result["confusion"]))
+        result["report"] = jax.device_get(_report(result["confusion"]))
     return result
+
+
+_report = jax.jit(metrics_lib.classification_report)  # one compile instead of one per small op
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
