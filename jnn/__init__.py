@@ -3,13 +3,14 @@
 flax.linen models, optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
-from jnn import config, data, losses, metrics, models, optim, presets, writers
+from jnn import config, data, losses, metrics, models, optim, parallel, presets, vmap, writers
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, evaluate, fit, pad_batch
 from jnn.train.state import InputSpec, TrainState, create_train_state
 from jnn.train.step import check_batch, make_eval_step, make_train_step
+from jnn.vmap import create_ensemble, ensemble_train_step, make_dp_train_step, per_example_grads
 
 __version__ = "0.1.0"
 
@@ -27,11 +28,14 @@ __all__ = [
     "TrainState",
     "check_batch",
     "config",
+    "create_ensemble",
     "create_train_state",
     "data",
+    "ensemble_train_step",
     "evaluate",
     "fit",
     "losses",
+    "make_dp_train_step",
     "make_eval_step",
     "make_optimizer",
     "make_schedule",
@@ -40,6 +44,9 @@ __all__ = [
     "models",
     "optim",
     "pad_batch",
+    "parallel",
+    "per_example_grads",
     "presets",
+    "vmap",
     "writers",
 ]

@@ -109,7 +109,8 @@ def make_dp_train_step(loss_fn: Callable | str, *, validate: bool = True
     `jnn.parallel.data_parallel`.
 
     Example:
-      >>> tx = optax.contrib.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
+      >>> tx = optax.chain(optax.contrib.differentially_private_aggregate(
+      ...     l2_norm_clip=1.0, noise_multiplier=1.1, key=jax.random.key(0)), optax.sgd(0.1))
       >>> state = jnn.create_train_state(model, tx, x[:1], 0)
       >>> state, metrics = jax.jit(jnn.make_dp_train_step("cross_entropy"))(state, batch)
 
@@ -188,7 +189,11 @@ def create_ensemble(model: Any, tx: optax.GradientTransformation, example_inputs
     if k < 1:
         raise ValueError(f"create_ensemble: k={k}; an ensemble needs at least one member.")
     keys = ensemble_keys(rng, k)
-    return jax.vmap(lambda key: create_train_state(model, tx, example_inputs, key, **init_kwargs))(keys)
+    # One create_train_state per member, then stacked: member i is *exactly* the model that
+    # create_train_state(..., keys[i]) gives (initialisation is compiled once per call and cannot be
+    # vmapped); the cost is K small initialisations, once.
+    members = [create_train_state(model, tx, example_inputs, keys[i], **init_kwargs) for i in range(k)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
 
 def ensemble_train_step(train_step: Callable, *, shared_batch: bool = True) -> Callable:

@@ -29,6 +29,7 @@ def _state(model=None, tx=None):
     return state if tx is None else state.replace(tx=tx, opt_state=tx.init(state.params))
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _batch_grad(state, batch, reduce):
     def loss(params):
         return reduce(CE(state.apply_fn({"params": params}, batch["inputs"]), batch["labels"]))
@@ -55,39 +56,52 @@ def test_per_example_grads_refuse_batch_norm_in_training_mode():
     state = _state(BNNet())
     with pytest.raises(ValueError, match="BatchNorm mixes the examples.*train=False"):
         jvmap.per_example_grads(CE, state, BATCHES[0])
-    grads = jvmap.per_example_grads(CE, state, BATCHES[0], train=False)
+    grads = jax.jit(lambda s, b: jvmap.per_example_grads(CE, s, b, train=False))(state, BATCHES[0])
     assert grads["Dense_1"]["kernel"].shape[0] == 16
 
 
-def _dp_state(clip, noise, lr=0.1):
-    tx = optax.contrib.dpsgd(lr, l2_norm_clip=clip, noise_multiplier=noise, seed=0)
-    # (optax 0.2.8's dpsgd still takes `seed` and warns it is deprecated; its transform takes key=)
-    return _state(tx=tx)
+CLIP, LR = 0.05, 0.1
+
+
+@functools.cache
+def _dp(noise: float):
+    """(state, jitted DP step) for a noise multiplier; cached so each optimizer compiles once."""
+    # optax.contrib.dpsgd(lr, clip, noise, seed) is this chain, but its `seed` argument warns.
+    tx = optax.chain(optax.contrib.differentially_private_aggregate(CLIP, noise, key=jax.random.key(0)),
+                     optax.sgd(LR))
+    return _state(tx=tx), jax.jit(jnn.vmap.make_dp_train_step(CE))
 
 
 def test_dp_sgd_clips_sums_and_divides_by_the_batch():
-    clip, lr, batch = 0.05, 0.1, BATCHES[0]
-    state = _dp_state(clip, 0.0, lr)
-    new, metrics = jax.jit(jnn.vmap.make_dp_train_step(CE))(state, batch)
-    per_example = jvmap.per_example_grads(CE, state, batch)
-    norms = jax.vmap(optax.tree.norm)(per_example)  # (B,)
-    assert float(jnp.min(norms)) > clip  # so every example is clipped
-    scale = jnp.minimum(1.0, clip / norms)
-    want = jax.tree.map(lambda p, g: p - lr * jnp.mean(g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0),
-                        state.params, per_example)
+    (state, step), batch = _dp(0.0), BATCHES[0]
+    new, metrics = step(state, batch)
+
+    @jax.jit
+    def by_hand(state, batch):  # clip each example's gradient, average, SGD step
+        per_example = jvmap.per_example_grads(CE, state, batch)
+        norms = jax.vmap(optax.tree.norm)(per_example)  # (B,)
+        scale = jnp.minimum(1.0, CLIP / norms)
+        return norms, jax.tree.map(
+            lambda p, g: p - LR * jnp.mean(g * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0),
+            state.params, per_example)
+
+    norms, want = by_hand(state, batch)
+    assert float(jnp.min(norms)) > CLIP  # so every example is clipped
     chex.assert_trees_all_close(new.params, want, rtol=tol.F32_REORDER_RTOL, atol=tol.F32_REORDER_ATOL)
     np.testing.assert_allclose(metrics["per_example_grad_norm"], jnp.mean(norms), rtol=tol.F32_REORDER_RTOL)
 
 
 def test_dp_sgd_noise_is_seeded_and_scaled():
-    step = jax.jit(jnn.vmap.make_dp_train_step(CE))
-    quiet, _ = step(_dp_state(1.0, 0.0), BATCHES[0])
-    noisy, _ = step(_dp_state(1.0, 1.0), BATCHES[0])
-    again, _ = step(_dp_state(1.0, 1.0), BATCHES[0])
+    quiet_state, quiet_step = _dp(0.0)
+    noisy_state, noisy_step = _dp(1.0)
+    quiet, _ = quiet_step(quiet_state, BATCHES[0])
+    noisy, _ = noisy_step(noisy_state, BATCHES[0])
+    again, _ = noisy_step(noisy_state, BATCHES[0])  # not donated: the same state and noise key again
     chex.assert_trees_all_equal(noisy.params, again.params)
-    # noise std per coordinate: lr * noise_multiplier * clip / B = 0.1 * 1 * 1 / 16
+    # noise std per coordinate: lr * noise_multiplier * clip / B
     diff = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(noisy.params), jax.tree.leaves(quiet.params))])
-    assert 0.8 * 0.1 / 16 < diff.std() < 1.2 * 0.1 / 16
+    std = LR * 1.0 * CLIP / 16
+    assert 0.8 * std < diff.std() < 1.2 * std
 
 
 def test_dp_step_needs_the_dp_optimizer():
@@ -95,7 +109,7 @@ def test_dp_step_needs_the_dp_optimizer():
         jnn.vmap.make_dp_train_step(CE)(_state(), BATCHES[0])
 
 
-K = 3
+K = 2
 # SGD with momentum, not Adam: TinyBNDropout's Dense before BatchNorm has a bias whose gradient is
 # zero up to rounding, and Adam would turn that rounding noise (which differs between the batched
 # and unbatched matmuls) into full-size steps.
@@ -105,42 +119,48 @@ ENSEMBLE_MODEL = TinyBNDropout(classes=10)
 
 @functools.cache
 def _singles():
-    """K separately created models with the member keys; host copies, so runs may donate."""
+    """K separately created models with the member keys (cached: the steps here do not donate)."""
     keys = jvmap.ensemble_keys(7, K)
     return [jnn.create_train_state(ENSEMBLE_MODEL, ENSEMBLE_TX, X0, keys[i]) for i in range(K)]
 
 
+@functools.cache
+def _ensemble():
+    return jvmap.create_ensemble(ENSEMBLE_MODEL, ENSEMBLE_TX, X0, 7, K)
+
+
 def test_ensemble_members_equal_separate_models():
-    stacked = jvmap.create_ensemble(ENSEMBLE_MODEL, ENSEMBLE_TX, X0, 7, K)
+    stacked = _ensemble()
     assert stacked.params["Dense_0"]["kernel"].shape[0] == K
     singles = _singles()
+    host = jax.tree.map(np.asarray, (stacked.variables, jax.random.key_data(stacked.rng)))
     for i in range(K):  # initialisation under vmap draws exactly the same numbers
-        chex.assert_trees_all_equal(jvmap.ensemble_member(stacked, i).variables, singles[i].variables)
-        chex.assert_trees_all_equal(jax.random.key_data(jvmap.ensemble_member(stacked, i).rng),
-                                    jax.random.key_data(singles[i].rng))
+        chex.assert_trees_all_equal(jvmap.ensemble_member(host, i),
+                                    (singles[i].variables, jax.random.key_data(singles[i].rng)))
 
-    ens_step = jax.jit(jvmap.ensemble_train_step(jnn.make_train_step(CE)), donate_argnums=0)
+    ens_step = jax.jit(jvmap.ensemble_train_step(jnn.make_train_step(CE)))  # no donation: cached
     one_step = jax.jit(jnn.make_train_step(CE))
     for batch in BATCHES:
         stacked, metrics = ens_step(stacked, batch)
         singles = [one_step(s, batch)[0] for s in singles]
     assert metrics["loss"].shape == (K,)
+    host = jax.tree.map(np.asarray, stacked.variables)
     for i in range(K):
-        member = jvmap.ensemble_member(stacked, i)
-        chex.assert_trees_all_close(member.variables, singles[i].variables,
+        chex.assert_trees_all_close(jvmap.ensemble_member(host, i), singles[i].variables,
                                     rtol=tol.PARALLEL_RTOL, atol=tol.PARALLEL_ATOL)
     # members differ: own initialisation, own dropout key, own BatchNorm statistics
-    means = stacked.model_state["batch_stats"]["BatchNorm_0"]["mean"]
+    means = host["batch_stats"]["BatchNorm_0"]["mean"]
     assert not np.allclose(means[0], means[1])
 
 
 def test_ensemble_with_one_batch_per_member():
-    stacked = jvmap.create_ensemble(ENSEMBLE_MODEL, ENSEMBLE_TX, X0, 7, K)
+    stacked = _ensemble()
     per_member = jax.tree.map(lambda *xs: np.stack(xs), *BATCHES[:K])  # (K, B, ...)
     step = jax.jit(jvmap.ensemble_train_step(jnn.make_train_step(CE), shared_batch=False))
     stacked, _ = step(stacked, per_member)
     one_step = jax.jit(jnn.make_train_step(CE))
+    host = jax.tree.map(np.asarray, stacked.variables)
     for i, single in enumerate(_singles()):
         single, _ = one_step(single, BATCHES[i])
-        chex.assert_trees_all_close(jvmap.ensemble_member(stacked, i).variables, single.variables,
+        chex.assert_trees_all_close(jvmap.ensemble_member(host, i), single.variables,
                                     rtol=tol.PARALLEL_RTOL, atol=tol.PARALLEL_ATOL)

@@ -3,6 +3,10 @@
 ``jax.nn.dot_product_attention`` dispatches to fused kernels (cuDNN flash attention on NVIDIA
 GPUs when ``implementation="cudnn"``, XLA elsewhere), so the same module is fast on every platform.
 It has no attention-probability dropout: models here apply dropout to the residual branches.
+
+Its XLA path computes the softmax in float32 even for float64 inputs, which would make float64
+gradient checks meaningless, so float64 models (and ``implementation="reference"``) use the
+explicit einsum/softmax formulation instead, at full precision.
 """
 from __future__ import annotations
 
@@ -12,7 +16,18 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-IMPLEMENTATIONS: tuple[str | None, ...] = (None, "xla", "cudnn")
+IMPLEMENTATIONS: tuple[str | None, ...] = (None, "xla", "cudnn", "reference")
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v in the inputs' dtype; (B, T, N, H) in and out."""
+    t, h = q.shape[1], q.shape[-1]
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / jnp.sqrt(h).astype(q.dtype)  # (B, N, T, T)
+    if causal:
+        mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # (1, 1, T, T)
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v)  # (B, T, N, H)
 
 
 def apply_rotary(x: jax.Array, base: float = 10_000.0) -> jax.Array:
@@ -47,7 +62,8 @@ class SelfAttention(nn.Module):
       use_bias: biases on the projections.
       kernel_init: initialiser of the QKV projection.
       out_kernel_init: initialiser of the output projection (GPT-2 scales it by depth).
-      implementation: ``None`` (let JAX choose), ``"xla"`` or ``"cudnn"``.
+      implementation: ``None`` (let JAX choose), ``"xla"``, ``"cudnn"`` or ``"reference"``
+        (explicit softmax; always used for float64).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -79,8 +95,14 @@ class SelfAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each
         if self.rotary:
             q, k = apply_rotary(q), apply_rotary(k)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
-                                         implementation=self.implementation)  # (B, T, N, H)
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
+                             f"received {self.implementation!r}.")
+        if self.implementation == "reference" or q.dtype == jnp.float64:
+            y = reference_attention(q, k, v, self.causal)  # (B, T, N, H)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                             implementation=self.implementation)
         return nn.DenseGeneral(c, axis=(-2, -1), use_bias=self.use_bias,
                                kernel_init=self.out_kernel_init, dtype=self.dtype,
                                param_dtype=self.param_dtype, name="out")(y)  # (B, T, C)

@@ -56,7 +56,8 @@ class TransformerBlock(nn.Module):
       ln_epsilon: LayerNorm epsilon.
       kernel_init: initialiser of the input projections.
       out_kernel_init: initialiser of the projections back into the residual stream.
-      attention_impl: passed to ``jax.nn.dot_product_attention`` as ``implementation``.
+      attention_impl: ``SelfAttention.implementation``: ``None``, ``"xla"``, ``"cudnn"`` or
+        ``"reference"``.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -111,7 +112,8 @@ class GPT(nn.Module):
       positions: ``"learned"`` (a (block_size, C) table) or ``"rotary"`` (in attention).
       tie_embeddings: the output head reuses the token embedding matrix.
       use_bias: biases in projections and LayerNorms (nanoGPT's ``bias``).
-      attention_impl: ``None``, ``"xla"`` or ``"cudnn"`` (``jax.nn.dot_product_attention``).
+      attention_impl: ``None``, ``"xla"``, ``"cudnn"`` (``jax.nn.dot_product_attention``) or
+        ``"reference"`` (explicit softmax).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -178,7 +180,7 @@ class TransformerClassifier(nn.Module):
       embed_dim: residual stream width C.
       mlp_dim: MLP hidden width.
       dropout_rate: embedding, residual and pre-head dropout (training only, rng ``"dropout"``).
-      attention_impl: ``None``, ``"xla"`` or ``"cudnn"``.
+      attention_impl: ``None``, ``"xla"``, ``"cudnn"`` or ``"reference"``.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """

@@ -31,7 +31,8 @@ class ViT(nn.Module):
       num_heads: attention heads.
       mlp_dim: MLP hidden width.
       dropout_rate: embedding and residual dropout (training only, rng ``"dropout"``).
-      attention_impl: ``None``, ``"xla"`` or ``"cudnn"`` (``jax.nn.dot_product_attention``).
+      attention_impl: ``None``, ``"xla"``, ``"cudnn"`` (``jax.nn.dot_product_attention``) or
+        ``"reference"`` (explicit softmax).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """

@@ -50,8 +50,12 @@ class DataParallelStep:
                                     fsdp_min_size=self._fsdp_min_size)
 
     def shard_state(self, state: PyTree) -> PyTree:
-        """Places `state` the way this step keeps it (replicated or FSDP-sharded)."""
-        return jax.device_put(state, self.state_sharding(state)) if jax.process_count() == 1 else \
+        """Places a copy of `state` the way this step keeps it (replicated or FSDP-sharded).
+
+        A copy: the step donates its input, and a buffer shared with the caller's `state` would
+        be deleted with it.
+        """
+        return _mesh._put(state, self.state_sharding(state)) if jax.process_count() == 1 else \
             _mesh.shard_state(state, self.mesh, fsdp=self.fsdp, data_axis=self.data_axis,
                               fsdp_min_size=self._fsdp_min_size)
 

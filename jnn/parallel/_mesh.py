@@ -119,7 +119,12 @@ def _is_multiprocess() -> bool:
 def _put(tree: PyTree, shardings: PyTree) -> PyTree:
     """`jax.device_put`, but multi-process safe for committed single-process arrays."""
     if not _is_multiprocess():
-        return jax.device_put(tree, shardings)
+        # A compiled copy, not `device_put`: device_put onto a replicated sharding reuses the
+        # caller's buffer on the first device (even with may_alias=False, jax 0.10.2), and a
+        # donating step would then delete the caller's own arrays.
+        # device_put first: arrays committed to one device (e.g. restored from a checkpoint)
+        # cannot enter a computation over the whole mesh.
+        return jax.jit(lambda t: t, out_shardings=shardings)(jax.device_put(tree, shardings))
     # device_put of a host value onto a global sharding is allowed (every process holds the same
     # value); a committed local array or a typed PRNG key is not, so go through host numpy.
     if isinstance(shardings, jax.sharding.Sharding):

@@ -167,7 +167,8 @@ def fit(
       ...                  eval_every=100, early_stopping=jnn.EarlyStopping("accuracy", patience=3))
 
     Args:
-      state: the state to train; a restored state continues from its `step`.
+      state: the state to train; a restored state continues from its `step`. Its buffers are
+        donated to the compiled step (no copy of the parameters): use `result.state` afterwards.
       train_data: an iterable (or iterator) of batches; if its iterator has `get_state`/`set_state`
         (grain), its position is checkpointed and restored with `data_state`.
       num_steps: the step at which training ends.

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.test_util import check_grads
+import jax.test_util
 from sklearn import datasets
 
 import _zoo_tolerances as tol
@@ -22,13 +22,8 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 
 
 def key(seed: int = 0) -> jax.Array:
-    """A PRNG key for the tests.
-
-    "rbg" keys: with jax's default ``jax_threefry_partitionable=True`` (jax >= 0.5), compiling a
-    model's ``init`` with threefry keys takes 2-6x longer on CPU than the model itself, which
-    would dominate this suite's runtime. Only the random values differ.
-    """
-    return jax.random.key(seed, impl="rbg")
+    """A PRNG key for the tests."""
+    return jax.random.key(seed)
 
 
 def count(tree: Any) -> int:
@@ -47,40 +42,90 @@ def param_count(model, x) -> int:
     return count(abstract_init(model, x)[1]["params"])
 
 
-def init(model, x, seed: int = 0, **kwargs) -> Any:
-    """``model.init`` under jit (op-by-op initialisation is slow on CPU)."""
+def init_compiled(model, x, seed: int = 0, **kwargs) -> Any:
+    """``model.init`` under jit: the model's own initialisers (tests of initialisation)."""
     return jit(lambda rng, x: model.init(rng, x, **kwargs))(key(seed), x)
 
 
+_ONES = ("scale", "var")
+_ZEROS = ("bias", "mean")
+_SMALL = ("embedding", "wpe", "pos_embed", "cls_token")
+
+
+def init(model, x, seed: int = 0, **kwargs) -> Any:
+    """Variables of the shapes ``model.init`` creates, drawn with numpy.
+
+    Compiling ``init`` costs XLA:CPU several times more than compiling the model itself, and
+    most tests only need sensible values: kernels N(0, 1/fan_in), embeddings N(0, 0.02^2),
+    zero biases and running means, unit scales and running variances. The models' own
+    initialisers are tested with ``init_compiled``; ``abstract_init`` traces every preset's.
+    """
+    shapes = jax.eval_shape(lambda rng, x: model.init(rng, x, **kwargs), key(seed), x)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name, shape = str(path[-1].key), leaf.shape
+        if name in _ONES:
+            value = np.ones(shape)
+        elif name in _ZEROS:
+            value = np.zeros(shape)
+        elif name in _SMALL:
+            value = 0.02 * rng.standard_normal(shape)
+        else:  # a kernel: (..., fan_in axes..., out); the fused QKV kernel is (C, 3, N, H)
+            fan_in = shape[0] if "qkv" in jax.tree_util.keystr(path) else np.prod(shape[:-1])
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_apply(model, frozen_kwargs: tuple) -> Callable:
+    # Modules hash by their attributes: one compilation per distinct model and call options.
+    kwargs = dict(frozen_kwargs)
+    return jit(lambda v, x, rngs: model.apply(v, x, rngs=rngs, **kwargs))
+
+
 def apply(model, variables, x, **kwargs) -> Any:
-    """``model.apply`` under jit; ``rngs`` and ``mutable`` pass through as keywords."""
+    """``model.apply`` under jit, compiled once per model and keyword set.
+
+    ``rngs`` are traced arguments; ``train``, ``mutable`` and ``method`` are static.
+    """
     rngs = kwargs.pop("rngs", None)
-    return jit(lambda v, x, r: model.apply(v, x, rngs=r, **kwargs))(variables, x, rngs)
+    frozen = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items()))
+    return _compiled_apply(model, frozen)(variables, x, rngs)
 
 
 def assert_jit_matches(model, variables, x, **kwargs) -> Any:
     """Runs ``apply`` op by op and under jit; asserts equal results and returns them."""
     eager = model.apply(variables, x, **kwargs)
-    jitted = jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+    jitted = apply(model, variables, x, **kwargs)
     chex.assert_trees_all_close(eager, jitted, rtol=tol.JIT_RTOL, atol=tol.JIT_ATOL)
     return jitted
 
 
-def check_param_grads(fn: Callable[[Any], Any], params: Any) -> None:
-    """Reverse-mode, first-order check of ``fn(params)`` against finite differences.
+def check_vjp(fn: Callable[[Any], Any], arg: Any) -> None:
+    """Reverse-mode, first-order gradient check of ``fn`` at ``arg`` against finite differences.
 
-    Call inside ``jax.enable_x64(True)`` with a float64 model.
+    This is exactly what ``jax.test_util.check_grads(fn, (arg,), order=1, modes=("rev",))``
+    runs (its ``check_vjp``), with the forward and backward functions compiled at the top level
+    so they can use the fast-compile options. Call inside ``jax.enable_x64(True)`` with a float64
+    model.
     """
-    dtypes = {str(p.dtype) for p in jax.tree.leaves(params)}
-    assert dtypes == {"float64"}, f"gradient checks need float64 parameters, got {dtypes}"
-    check_grads(jit(fn), (params,), order=1, modes=("rev",), eps=tol.GRAD_EPS,
-                rtol=tol.GRAD_RTOL, atol=tol.GRAD_ATOL)
+    dtypes = {str(a.dtype) for a in jax.tree.leaves(arg)}
+    assert dtypes == {"float64"}, f"gradient checks need float64 inputs, got {dtypes}"
+    forward = jit(fn)
+    backward = jit(lambda a, ct: jax.vjp(fn, a)[1](ct))
 
+    def fn_vjp(a):
+        return forward(a), lambda ct: backward(a, ct)
 
-def check_input_grads(fn: Callable[[Any], Any], x: Any) -> None:
-    """Like ``check_param_grads`` for the gradient with respect to a float input."""
-    check_grads(jit(fn), (x,), order=1, modes=("rev",), eps=tol.GRAD_EPS,
-                rtol=tol.GRAD_RTOL, atol=tol.GRAD_ATOL)
+    jax.test_util.check_vjp(forward, fn_vjp, (arg,), eps=tol.GRAD_EPS, rtol=tol.GRAD_RTOL,
+                            atol=tol.GRAD_ATOL)
 
 
 def train(loss_fn: Callable[[Any, jax.Array], jax.Array], params: Any, steps: int,

@@ -65,7 +65,7 @@ def test_gradients_float64():
                            dtype=jnp.float64, param_dtype=jnp.float64)
         x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2), jnp.float64)
         params = zh.init(model, x)["params"]
-        zh.check_param_grads(lambda p: model.apply({"params": p}, x), params)
+        zh.check_vjp(lambda p: model.apply({"params": p}, x), params)
 
 
 def test_bf16_close_to_f32():

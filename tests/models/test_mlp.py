@@ -27,7 +27,7 @@ def test_mlp_mnist_param_count():
 
 
 def test_torch_init_bounds():
-    variables = zh.init(models.get("mlp_mnist"), jnp.zeros((1, 784)))
+    variables = zh.init_compiled(models.get("mlp_mnist"), jnp.zeros((1, 784)))
     kernel = variables["params"]["dense_0"]["kernel"]
     bias = variables["params"]["dense_0"]["bias"]
     bound = 1 / np.sqrt(784)  # PyTorch nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -63,8 +63,8 @@ def test_gradients_float64():
                            dtype=jnp.float64, param_dtype=jnp.float64)
         x = jax.random.normal(zh.key(0), (3, 2, 3), jnp.float64)
         params = zh.init(model, x)["params"]
-        zh.check_param_grads(lambda p: model.apply({"params": p}, x), params)
-        zh.check_input_grads(lambda x: model.apply({"params": params}, x), x)
+        zh.check_vjp(lambda p: model.apply({"params": p}, x), params)
+        zh.check_vjp(lambda x: model.apply({"params": params}, x), x)
 
 
 def test_bf16_compute_keeps_f32_params():

@@ -1,0 +1,95 @@
+"""Every script in examples/ runs: one or two steps of its --debug variant, through its main()."""
+import importlib.util
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+# A step or two: compiling dominates, so these cover the whole script in seconds.
+FEW_STEPS = ["--set", "train.steps=2", "--set", "train.eval_every=2", "--set", "train.log_every=1"]
+PRESET_EXAMPLES = ["mlp_mnist", "keras_cnn_mnist", "lenet5_cifar10", "resnet20_cifar10", "cnn_finetune",
+                   "gpt_char", "lstm_char"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name: str, tmp_path, *extra: str) -> dict:
+    run_dir = str(tmp_path / name)
+    summary = _load(name).main(["--debug", "--run-dir", run_dir, *FEW_STEPS, *extra])
+    assert summary["run_dir"] == run_dir
+    return summary
+
+
+def _check_report(report: dict, num_classes: int = 10) -> None:
+    for key in ("precision", "recall", "f1", "support"):
+        assert np.shape(report[key]) == (num_classes,), key
+    assert 0.0 <= float(report["accuracy"]) <= 1.0
+
+
+@pytest.mark.parametrize("name", PRESET_EXAMPLES)
+def test_example_has_the_common_layout(name):
+    module = _load(name)
+    doc = module.__doc__
+    assert f"python examples/{name}.py --debug" in doc, "the docstring holds the exact debug command"
+    assert f"python examples/{name}.py " in doc.replace(f"python examples/{name}.py --debug", ""), "and a full one"
+    assert callable(module.main) and callable(module.parse_args)
+    args = module.parse_args(["--debug", "--data-dir", "d", "--run-dir", "r", "--set", "a.b=1", "--set", "c.d=2"])
+    assert (args.debug, args.data_dir, args.run_dir, args.set) == (True, "d", "r", ["a.b=1", "c.d=2"])
+
+
+# Each takes 8-16 s of CPU (mostly XLA compiling); the slow ones repeat a code path a fast one covers
+# (mlp_mnist: keras_cnn_mnist's; gpt_char: lstm_char's sampling) or compile the biggest model.
+@pytest.mark.parametrize("name", [pytest.param("mlp_mnist", marks=pytest.mark.slow), "keras_cnn_mnist",
+                                  pytest.param("resnet20_cifar10", marks=pytest.mark.slow)])
+def test_preset_example_trains_and_reports(name, tmp_path):
+    summary = _run(name, tmp_path)
+    assert summary["steps"] == 2
+    assert math.isfinite(summary["test"]["loss"])
+    _check_report(summary["test"]["report"])
+    for file in ("config.json", "metrics.jsonl", "test_metrics.json", "checkpoints"):
+        assert (tmp_path / name / file).exists(), file
+
+
+def test_lenet5_example_fits_and_reports(tmp_path):
+    summary = _run("lenet5_cifar10", tmp_path)
+    assert summary["steps"] == 2 and math.isfinite(summary["test"]["loss"])
+    _check_report(summary["test"]["report"])
+    assert {r["split"] for r in summary["history"]} == {"train", "eval"}
+    assert (tmp_path / "lenet5_cifar10" / "metrics.jsonl").exists()
+
+
+def test_cnn_finetune_freezes_convolutions_and_reports(tmp_path, capsys):
+    summary = _run("cnn_finetune", tmp_path, "--finetune-steps", "2")
+    assert summary["frozen_unchanged"]
+    assert list(summary["class_names"]) == [str(c) for c in range(10)]  # the digits fallback
+    _check_report(summary["after"]["report"])
+    for phase in ("before", "after"):
+        assert math.isfinite(summary[phase]["loss"]) and 0.0 <= summary[phase]["accuracy"] <= 1.0
+    out = capsys.readouterr().out
+    assert "weighted avg" in out and "convolutions unchanged: True" in out
+    for phase in ("pretrain", "finetune"):
+        assert (tmp_path / "cnn_finetune" / phase / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", [pytest.param("gpt_char", marks=pytest.mark.slow), "lstm_char"])
+def test_char_model_example_trains_and_samples(name, tmp_path):
+    num_chars = 24
+    summary = _run(name, tmp_path, "--num-chars", str(num_chars), "--temperature", "0.7")
+    assert summary["steps"] == 2 and math.isfinite(summary["test"]["loss"])
+    sample = summary["sample"]
+    assert len(sample) == num_chars
+    assert set(sample) <= set(summary["vocab"])
+    assert (tmp_path / name / "sample.txt").read_text(encoding="utf-8") == sample
+
+
+def test_char_model_example_rejects_a_bad_temperature(tmp_path):
+    module = _load("gpt_char")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        module.sample(None, np.zeros(4, np.int32), 3, 0.0, None)
