@@ -34,7 +34,7 @@ from flax.traverse_util import flatten_dict
 
 import jnn
 from jnn import config as config_lib
-from jnn import experiment, presets
+from jnn import cli, experiment, presets
 
 PRESET = "cnn_cifar10"
 PRETRAIN_CLASSES = 5  # pretrain on classes [0, 5)
@@ -42,22 +42,14 @@ FROZEN = ("^conv_",)  # regexes on "/"-joined parameter paths, e.g. "conv_0/kern
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 python batches (default: the bundled digits, resized)")
-    p.add_argument("--debug", action="store_true", help="the preset's tiny variant: 8 + 8 steps of 16 examples")
-    p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<preset>-<time>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
+    p = cli.add_run_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps (default: train.steps)")
     return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace) -> config_lib.Config:
     """The preset (or its debug variant), its data directory, then the --set overrides."""
-    config = presets.get(PRESET, debug=args.debug)
-    if args.data_dir:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
-    return config_lib.override(config, args.set)
+    return presets.from_args(PRESET, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
 
 
 def main(argv=None) -> dict:
@@ -68,22 +60,17 @@ def main(argv=None) -> dict:
     exp = experiment.build(config)
     if exp.note:
         print("note:", exp.note)
-    splits, d, t = exp.splits, config.data, config.train
-    # Pipelines over the classes 0-4, normalised with the same train-split statistics as build()'s.
-    normalize = [jnn.data.Normalize(*jnn.data.channel_stats(splits.train["inputs"]))] if d.normalize else None
+    splits, t = exp.splits, config.train
+    # Pipelines over the classes 0-4, with the run's own preprocessing (train-split normalisation).
     first = {s: {k: v[splits.split(s)["labels"] < PRETRAIN_CLASSES] for k, v in splits.split(s).items()}
              for s in ("train", "val")}
-    pretrain_data = jnn.data.Pipeline(first["train"], d.batch_size, seed=d.seed, augment=normalize)
-    pretrain_val = jnn.data.Pipeline(first["val"], d.eval_batch_size, train=False, augment=normalize)
+    pretrain_data, pretrain_val = exp.pipeline(first["train"]), exp.pipeline(first["val"], train=False)
     eval_step = jax.jit(jnn.make_eval_step(exp.loss_fn, confusion=True))  # one compile for every evaluation
 
     def run(state, data, eval_data, steps, name):
-        writer = jnn.writers.make_run_writers(os.path.join(run_dir, name), console=True)  # <run_dir>/<name>/
-        try:
+        with jnn.writers.make_run_writers(os.path.join(run_dir, name), console=True) as writer:  # <run_dir>/<name>/
             return jnn.fit(state, data, num_steps=steps, loss_fn=exp.loss_fn, eval_step=eval_step,
                            eval_data=eval_data, eval_every=t.eval_every, log_every=t.log_every, writer=writer)
-        finally:
-            writer.close()
 
     print(f"1. pretraining on the {len(first['train']['labels'])} train examples of classes 0-{PRETRAIN_CLASSES - 1}")
     pretrained = run(exp.state, pretrain_data, pretrain_val, t.steps, "pretrain").state

@@ -12,55 +12,41 @@ matrix, which gives the tutorial's per-class accuracy (recall) and more.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import time
 
 import jax
 
 import jnn
 from jnn import config as config_lib
-from jnn import experiment, presets
+from jnn import cli, experiment, presets
 
 PRESET = "lenet5_cifar10"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 python batches (default: the bundled digits, resized)")
-    p.add_argument("--debug", action="store_true", help="the preset's tiny variant: 8 steps of 16 examples")
-    p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<preset>-<time>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
+    p = cli.add_run_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace) -> config_lib.Config:
     """The preset (or its debug variant), its data directory, then the --set overrides."""
-    config = presets.get(PRESET, debug=args.debug)
-    if args.data_dir:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
-    return config_lib.override(config, args.set)
+    return presets.from_args(PRESET, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
 
 
 def main(argv=None) -> dict:
     """Trains LeNet-5, prints the test split's per-class report; returns the test metrics."""
     args = parse_args(argv)
     config = make_config(args)
-    run_dir = args.run_dir or os.path.join("runs", f"{PRESET}{'-debug' * args.debug}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir or cli.default_run_dir(PRESET, args.debug)
     exp = experiment.build(config)  # splits, model, optimizer, initial state, batch pipelines, loss
     if exp.note:
         print("note:", exp.note)
     t = config.train
     # One compiled evaluation for validation and test; the confusion matrix gives the per-class report.
     eval_step = jax.jit(jnn.make_eval_step(exp.loss_fn, confusion=True))
-    writer = jnn.writers.make_run_writers(run_dir, console=True)  # metrics.jsonl, tb/, curves.png, stdout
-    try:
+    with jnn.writers.make_run_writers(run_dir, console=True) as writer:  # metrics.jsonl, tb/, curves.png, stdout
         result = jnn.fit(exp.state, exp.train_data, num_steps=t.steps, loss_fn=exp.loss_fn,
                          eval_step=eval_step, eval_data=lambda: exp.eval_data("val"), eval_every=t.eval_every,
                          log_every=t.log_every, writer=writer)
-    finally:
-        writer.close()
     test = jnn.evaluate(result.state, exp.eval_data("test"), eval_step)
     print(jnn.metrics.format_report(test["report"], exp.splits.class_names))
     print(f"test accuracy {test['accuracy']:.4f} after {int(result.state.step)} steps; run directory {run_dir}")

@@ -14,29 +14,20 @@ softmax(logits / temperature), in one compiled `jax.lax.fori_loop`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 import jnn
 from jnn import config as config_lib
-from jnn import experiment, presets
+from jnn import cli, experiment, presets
 
 PRESET = "lstm_char"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=None, help="a UTF-8 text file (default: the standard library's source)")
-    p.add_argument("--debug", action="store_true", help="the preset's tiny variant: 1 layer of 32, 8 steps of 16")
-    p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<preset>-<time>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
+    p = cli.add_run_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--num-chars", type=int, default=200, help="characters to sample after training")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (> 0)")
     return p.parse_args(argv)
@@ -44,53 +35,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_config(args: argparse.Namespace) -> config_lib.Config:
     """The preset (or its debug variant), its text file, then the --set overrides."""
-    config = presets.get(PRESET, debug=args.debug)
-    if args.data_dir:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
-    return config_lib.override(config, args.set)
-
-
-def sample(state: jnn.TrainState, prompt: np.ndarray, num_chars: int, temperature: float,
-           rng: jax.Array) -> np.ndarray:
-    """Samples `num_chars` tokens after `prompt`, a (T,) window of the context length T."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}.")
-
-    @jax.jit
-    def generate(variables, window, rng):
-        def body(i, carry):
-            window, out = carry  # (T,), (N,)
-            logits = state.apply_fn(variables, window[None])[0, -1]  # (V,): scores of the next token
-            token = jax.random.categorical(jax.random.fold_in(rng, i), logits / temperature)
-            return jnp.append(window[1:], token), out.at[i].set(token)  # slide the context by one
-
-        return jax.lax.fori_loop(0, num_chars, body, (window, jnp.zeros(num_chars, jnp.int32)))[1]
-
-    return np.asarray(generate(state.variables, jnp.asarray(prompt, jnp.int32), rng))
+    return presets.from_args(PRESET, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
 
 
 def main(argv=None) -> dict:
     """Trains the LSTM, evaluates it on the test text, samples; returns losses and the sample."""
     args = parse_args(argv)
     config = make_config(args)
-    run_dir = args.run_dir or os.path.join("runs", f"{PRESET}{'-debug' * args.debug}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir or cli.default_run_dir(PRESET, args.debug)
     exp = experiment.build(config)  # text windows (B, T) -> next characters (B, T); the LSTM; Adam
     vocab = exp.splits.info["vocab"]
     print(f"{exp.splits.info['num_chars']:,} characters from {exp.splits.info['source']}, vocabulary of {len(vocab)}")
     t = config.train
     eval_step = jax.jit(jnn.make_eval_step(exp.loss_fn))  # compiled once: validation and test
-    writer = jnn.writers.make_run_writers(run_dir, console=True)  # metrics.jsonl, tb/, curves.png, stdout
-    try:
+    with jnn.writers.make_run_writers(run_dir, console=True) as writer:  # metrics.jsonl, tb/, curves.png, stdout
         result = jnn.fit(exp.state, exp.train_data, num_steps=t.steps, loss_fn=exp.loss_fn,
                          eval_step=eval_step, eval_data=lambda: exp.eval_data("val"), eval_every=t.eval_every,
                          log_every=t.log_every, writer=writer)
-    finally:
-        writer.close()
     test = jnn.evaluate(result.state, exp.eval_data("test"), eval_step)
     print(f"test loss {test['loss']:.4f} ({test['loss'] / math.log(2):.3f} bits per character)")
 
     prompt = exp.splits.test["inputs"][0]  # (T,): the first window of the test text
-    tokens = sample(result.state, prompt, args.num_chars, args.temperature, jax.random.key(t.seed))
+    tokens = jnn.models.sample(result.state.apply_fn, result.state.variables, prompt, args.num_chars,
+                               rng=jax.random.key(t.seed), temperature=args.temperature)
     text = jnn.data.decode_text(tokens, vocab)
     print(f"--- prompt ---\n{jnn.data.decode_text(prompt, vocab)}")
     print(f"--- sample (temperature {args.temperature}) ---\n{text}")

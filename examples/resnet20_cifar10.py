@@ -11,39 +11,28 @@ checkpoints as it goes: after a preemption, `jnn train --resume RUN_DIR` continu
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import time
 
 from jnn import config as config_lib
-from jnn import experiment, presets
+from jnn import cli, experiment, presets
 
 PRESET = "resnet20_cifar10"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 python batches (default: the bundled digits, resized)")
-    p.add_argument("--debug", action="store_true", help="the preset's tiny variant: ResNet-8, 8 steps of 16 examples")
-    p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<preset>-<time>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
+    p = cli.add_run_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace) -> config_lib.Config:
     """The preset (or its debug variant), its data directory, then the --set overrides."""
-    config = presets.get(PRESET, debug=args.debug)
-    if args.data_dir:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
-    return config_lib.override(config, args.set)
+    return presets.from_args(PRESET, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
 
 
 def main(argv=None) -> dict:
     """Trains the preset, evaluates its best checkpoint on the test split; returns the summary."""
     args = parse_args(argv)
     config = make_config(args)
-    run_dir = args.run_dir or os.path.join("runs", f"{PRESET}{'-debug' * args.debug}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir or cli.default_run_dir(PRESET, args.debug)
     # One call does what `jnn train --preset resnet20_cifar10` does: data, model, optimizer, fit with
     # evaluation and checkpoints, then the per-class test report (printed).
     return experiment.train(config, run_dir)

@@ -15,17 +15,31 @@ import sys
 import time
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the arguments every training entry point shares: --debug, --data-dir, --run-dir, --set.
+
+    Example scripts use it too, so `python examples/X.py` and `jnn train --preset X` read alike.
+    """
+    parser.add_argument("--debug", action="store_true", help="the preset's tiny variant (a few steps)")
+    parser.add_argument("--data-dir", default=None, help="directory (or file) with the preset's data")
+    parser.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<preset>-<time>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
+    return parser
+
+
+def default_run_dir(name: str, debug: bool = False) -> str:
+    """`runs/<name>[-debug]-<YYYYmmdd-HHMMSS>`."""
+    return os.path.join("runs", f"{name}{'-debug' if debug else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jnn", description="JAX functional neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a preset (default: a CNN on the bundled digits)")
     train.add_argument("--preset", default=None, help="a preset name (see `jnn presets`); default: digits")
-    train.add_argument("--debug", action="store_true", help="the preset's tiny variant (a few steps)")
-    train.add_argument("--data-dir", default=None, help="directory (or file) with the preset's data")
-    train.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<preset>-<time>)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. optim.learning_rate=3e-4 (repeatable)")
+    add_run_arguments(train)
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     train.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                        help="stop at STEP with a checkpoint, as if preempted; continue with --resume")
@@ -50,19 +64,18 @@ def _train(args) -> int:
     if args.resume:
         experiment.check_resumable(args.resume)
         config = experiment.read_config(args.resume)
-        if args.preset or args.set or args.debug or args.data_dir:
-            base = presets.get(args.preset or "digits", debug=args.debug) if args.preset or args.debug else config
-            config = config_lib.override(base, args.set)
+        if args.preset or args.debug:
+            config = presets.from_args(args.preset or "digits", debug=args.debug, data_dir=args.data_dir,
+                                       assignments=args.set)
+        elif args.set or args.data_dir:
+            config = config_lib.override(config, args.set)
             if args.data_dir:
                 config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
         experiment.train(config, args.resume, resume=True, progress=args.progress, stop_at=args.stop_at)
         return 0
     name = args.preset or "digits"
-    config = presets.get(name, debug=args.debug)
-    if args.data_dir:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
-    config = config_lib.override(config, args.set)
-    run_dir = args.run_dir or os.path.join("runs", f"{name}{'-debug' if args.debug else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+    config = presets.from_args(name, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
+    run_dir = args.run_dir or default_run_dir(name, args.debug)
     experiment.train(config, run_dir, progress=args.progress, stop_at=args.stop_at)
     return 0
 

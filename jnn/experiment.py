@@ -33,7 +33,7 @@ from jnn.config import Config, from_dict, to_dict
 from jnn.optim import make_optimizer
 from jnn.train.loop import EarlyStopping, evaluate, fit
 from jnn.train.state import TrainState, create_train_state
-from jnn.train.step import make_eval_step, make_train_step
+from jnn.train.step import make_eval_step
 from jnn.writers import make_run_writers
 
 CONFIG_FILE, TEST_FILE, CHECKPOINTS = "config.json", "test_metrics.json", "checkpoints"
@@ -54,6 +54,17 @@ class Experiment:
     eval_data: Callable[[str], data_lib.Pipeline]
     loss_fn: Callable
     note: str | None
+    normalize: tuple = ()  # the deterministic preprocessing shared by train and eval pipelines
+
+    def pipeline(self, arrays, *, train: bool = True) -> data_lib.Pipeline:
+        """A pipeline over other arrays (e.g. a subset of classes) with this run's preprocessing.
+
+        Train pipelines get the config's batch size and seed (no augmentation beyond the
+        normalisation); eval pipelines the eval batch size, in order.
+        """
+        d = self.config.data
+        return data_lib.Pipeline(arrays, d.batch_size if train else d.eval_batch_size, seed=d.seed, train=train,
+                                 augment=list(self.normalize) or None)
 
 
 # ------------------------------------------------------------------ building blocks
@@ -145,7 +156,7 @@ def build(config: Config) -> Experiment:
     state = create_train_state(model, tx, example, config.train.seed)
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
-    return Experiment(config, splits, state, train_data, eval_data, loss_fn, note)
+    return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize))
 
 
 # ------------------------------------------------------------------ train / eval a run directory

@@ -141,6 +141,17 @@ _DEBUG_MODEL_KWARGS = {
 }
 
 
+def from_args(name: str, *, debug: bool = False, data_dir: str | None = None,
+              assignments: tuple[str, ...] | list[str] = ()) -> Config:
+    """The preset (or its debug variant), with a data directory and `--set` overrides applied."""
+    from jnn.config import override  # config imports nothing from here; keep the module graph flat
+
+    config = get(name, debug=debug)
+    if data_dir:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
+    return override(config, assignments)
+
+
 def names() -> list[str]:
     """The preset names."""
     return list(_PRESETS)

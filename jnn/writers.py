@@ -164,6 +164,12 @@ class MultiWriter:
         for writer in self.writers:
             writer.close()
 
+    def __enter__(self) -> "MultiWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def make_run_writers(run_dir: str | os.PathLike, *, tensorboard: bool = True, png: bool = True,
                      console: bool = False) -> MultiWriter:

@@ -87,9 +87,3 @@ def test_char_model_example_trains_and_samples(name, tmp_path):
     assert len(sample) == num_chars
     assert set(sample) <= set(summary["vocab"])
     assert (tmp_path / name / "sample.txt").read_text(encoding="utf-8") == sample
-
-
-def test_char_model_example_rejects_a_bad_temperature(tmp_path):
-    module = _load("gpt_char")
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        module.sample(None, np.zeros(4, np.int32), 3, 0.0, None)

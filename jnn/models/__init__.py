@@ -20,6 +20,7 @@ from jnn.models._mlp import MLP
 from jnn.models._recurrent import RNNClassifier, RNNLanguageModel
 from jnn.models._registry import ModelSpec, example_input, get, input_spec, names, spec
 from jnn.models._resnet import BasicBlock, Bottleneck, ResNet
+from jnn.models._sampling import sample
 from jnn.models._transformer import GPT, MlpBlock, TransformerBlock, TransformerClassifier
 from jnn.models._vit import ViT
 
@@ -50,5 +51,6 @@ __all__ = [
     "get",
     "input_spec",
     "names",
+    "sample",
     "spec",
 ]

@@ -222,7 +222,8 @@ def fit(
         if eval_data is None:
             return None
         data = eval_data() if callable(eval_data) else eval_data
-        values = {k: v for k, v in evaluate(state, data, eval_step).items() if np.ndim(v) == 0}
+        values = {k: v for k, v in evaluate(state, data, eval_step).items()
+                  if not isinstance(v, Mapping) and np.ndim(v) == 0}
         log("eval", values)
         if early_stopping is not None:
             stopped_early = early_stopping.update(step, values)

@@ -7,10 +7,9 @@ random key (`rng`). Per-step randomness is `fold_in(rng, step)`, so nothing rand
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
