@@ -3,7 +3,7 @@
 flax.linen models, optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
-from jnn import config, data, losses, metrics, models, optim, parallel, presets, vmap, writers
+from jnn import config, data, losses, metrics, models, optim, parallel, presets, testing, vmap, writers
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
@@ -47,6 +47,7 @@ __all__ = [
     "parallel",
     "per_example_grads",
     "presets",
+    "testing",
     "vmap",
     "writers",
 ]

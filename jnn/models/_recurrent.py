@@ -71,8 +71,8 @@ class RNNClassifier(nn.Module):
                          param_dtype=self.param_dtype, name="embed")(x)  # (B, T, E)
         else:
             f = self.in_features if self.in_features is not None else "F"
-            check_shape(name, x, ("B", "T", f),
-                        "Pass float features (batch, time, features), or set vocab_size for tokens.")
+            check_shape(name, x, ("B", "T", f), "Pass float features (batch, time, features), "
+                        "or set vocab_size for token ids.")
             x = x.astype(self.dtype)
         h = self.hidden_size
         for i in range(self.num_layers):

@@ -139,10 +139,11 @@ class ResNet(nn.Module):
         self._validate()
         check_shape("ResNet", x, ("B", "H", "W", self.in_channels), "Images are NHWC.")
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out_init,
-                        dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=self.bn_epsilon, axis_name=self.bn_axis_name,
-                        dtype=self.dtype, param_dtype=self.param_dtype)
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                 axis_name=self.bn_axis_name, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
         last_norm = (functools.partial(norm, scale_init=nn.initializers.zeros)
                      if self.zero_init_residual else norm)
         block_cls = BasicBlock if self.block == "basic" else Bottleneck
