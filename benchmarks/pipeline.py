@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 
 import grain
 
 import jnn.data as jd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/common.py: the scripts run as files, not a package)
 
 BATCH_SIZE = 128
 
@@ -119,26 +120,6 @@ def run(seconds: float) -> list[dict]:
     return rows
 
 
-def environment() -> dict:
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "versions": {name: version(name) for name in ("jax", "jaxlib", "grain", "numpy", "flax")},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
-    }
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="measuring time per row")
@@ -148,13 +129,10 @@ def main(argv=None) -> None:
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
 
-    env = environment()
-    print(
-        f"jnn.data pipeline throughput, batch {BATCH_SIZE}; grain {env['versions']['grain']}, "
-        f"numpy {env['versions']['numpy']}, {env['machine']['cpu_count']} CPUs, "
-        f"load {env['machine']['load_average_1m']:.1f}"
-    )
+    env = common.environment(("jax", "jaxlib", "grain", "numpy", "flax"))
+    print(f"jnn.data pipeline throughput, batch {BATCH_SIZE}; {common.env_line(env)}")
     rows = run(args.seconds)
+    common.finish(env)
     if args.no_save:
         return
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

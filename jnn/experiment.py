@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -219,6 +220,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             f"run directory {run_dir} already holds a run; refusing to overwrite it. "
             f"Fix: `jnn train --resume {run_dir}` to continue it, or choose another --run-dir.")
 
+    threading.Thread(target=_import_writers, daemon=True).start()  # overlaps the compilation below
     exp = build(config)  # any data or model error is raised here, before anything is written
     os.makedirs(run_dir, exist_ok=True)
     if not resume:
@@ -270,6 +272,15 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
               f"{seconds:.1f} s; run directory {run_dir}")
     return {"run_dir": run_dir, "steps": int(result.state.step), "test": test, "best": result.best,
             "stopped_early": result.stopped_early, "seconds": seconds, "history": result.history}
+
+
+def _import_writers() -> None:
+    """Imports tensorboardX and matplotlib (~2 s of Python) while XLA compiles, which frees the GIL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import tensorboardX  # noqa: F401
 
 
 def _test(exp: Experiment, state: TrainState) -> dict[str, Any]:

@@ -23,11 +23,9 @@ def load_digits(*, val_fraction: float = 0.1, seed: int = 0) -> Splits:
     Returns:
       `Splits` with inputs (N, 8, 8, 1) float32 in [0, 1] and int32 labels 0..9.
     """
-    from sklearn import datasets  # deferred: importing scikit-learn takes ~1 s
-
-    bunch = datasets.load_digits()
-    images = (bunch.images / _MAX_PIXEL).astype(np.float32)[..., None]  # (N, 8, 8, 1)
-    labels = bunch.target.astype(np.int32)
+    pixels, target, source = _read_bundled()
+    images = (pixels.reshape(-1, 8, 8) / _MAX_PIXEL).astype(np.float32)[..., None]  # (N, 8, 8, 1)
+    labels = target.astype(np.int32)
     return make_splits(
         "digits",
         {"inputs": images, "labels": labels},
@@ -35,5 +33,27 @@ def load_digits(*, val_fraction: float = 0.1, seed: int = 0) -> Splits:
         val_fraction=val_fraction,
         seed=seed,
         num_classes=10,
-        info={"source": "sklearn.datasets.load_digits"},
+        info={"source": source},
     )
+
+
+def _read_bundled() -> tuple[np.ndarray, np.ndarray, str]:
+    """(N, 64) pixels and (N,) labels of scikit-learn's bundled digits file, and where they came from.
+
+    The file (`sklearn/datasets/data/digits.csv.gz`: 64 pixel columns, then the label) is read
+    directly: importing scikit-learn to call `load_digits` costs more than a second at start-up.
+    If the file is not where scikit-learn keeps it, `sklearn.datasets.load_digits` reads it.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)  # (1797, 65)
+            return table[:, :-1], table[:, -1], path
+    from sklearn import datasets
+
+    bunch = datasets.load_digits()
+    return bunch.data, bunch.target, "sklearn.datasets.load_digits"

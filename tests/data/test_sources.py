@@ -175,3 +175,15 @@ def test_load_rejects_unknown_names_and_options(tmp_path):
         jd.load("digits", tmp_path)
     with pytest.raises(jd.DataError, match="npz needs a file"):
         jd.load("npz")
+
+
+def test_digits_file_read_directly_equals_sklearn_load_digits():
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from jnn.data._digits import _read_bundled
+
+    pixels, target, source = _read_bundled()
+    bunch = sk_load_digits()
+    assert source.endswith("digits.csv.gz")
+    np.testing.assert_array_equal(pixels, bunch.data)
+    np.testing.assert_array_equal(target, bunch.target)
