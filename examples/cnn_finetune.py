@@ -33,8 +33,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 import jnn
-from jnn import config as config_lib
-from jnn import cli, experiment, presets
+from jnn import cli, experiment
 
 PRESET = "cnn_cifar10"
 PRETRAIN_CLASSES = 5  # pretrain on classes [0, 5)
@@ -47,15 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_config(args: argparse.Namespace) -> config_lib.Config:
-    """The preset (or its debug variant), its data directory, then the --set overrides."""
-    return presets.from_args(PRESET, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
-
-
 def main(argv=None) -> dict:
     """Pretrains, fine-tunes, prints before/after accuracy and the report; returns them."""
     args = parse_args(argv)
-    config = make_config(args)
+    config = cli.config_from_args(PRESET, args)
     run_dir = args.run_dir or os.path.join("runs", f"finetune{'-debug' * args.debug}-{time.strftime('%Y%m%d-%H%M%S')}")
     exp = experiment.build(config)
     if exp.note:

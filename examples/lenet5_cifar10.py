@@ -16,8 +16,7 @@ import argparse
 import jax
 
 import jnn
-from jnn import config as config_lib
-from jnn import cli, experiment, presets
+from jnn import cli, experiment
 
 PRESET = "lenet5_cifar10"
 
@@ -27,15 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_config(args: argparse.Namespace) -> config_lib.Config:
-    """The preset (or its debug variant), its data directory, then the --set overrides."""
-    return presets.from_args(PRESET, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
-
-
 def main(argv=None) -> dict:
     """Trains LeNet-5, prints the test split's per-class report; returns the test metrics."""
     args = parse_args(argv)
-    config = make_config(args)
+    config = cli.config_from_args(PRESET, args)
     run_dir = args.run_dir or cli.default_run_dir(PRESET, args.debug)
     exp = experiment.build(config)  # splits, model, optimizer, initial state, batch pipelines, loss
     if exp.note:

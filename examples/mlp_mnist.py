@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from jnn import config as config_lib
-from jnn import cli, experiment, presets
+from jnn import cli, experiment
 
 PRESET = "mlp_mnist"
 
@@ -23,15 +22,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_config(args: argparse.Namespace) -> config_lib.Config:
-    """The preset (or its debug variant), its data directory, then the --set overrides."""
-    return presets.from_args(PRESET, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
-
-
 def main(argv=None) -> dict:
     """Trains the preset, evaluates its best checkpoint on the test split; returns the summary."""
     args = parse_args(argv)
-    config = make_config(args)
+    config = cli.config_from_args(PRESET, args)
     run_dir = args.run_dir or cli.default_run_dir(PRESET, args.debug)
     # One call does what `jnn train --preset mlp_mnist` does: data, model, optimizer, fit with
     # evaluation and checkpoints, then the per-class test report (printed).

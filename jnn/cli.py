@@ -33,6 +33,13 @@ def default_run_dir(name: str, debug: bool = False) -> str:
     return os.path.join("runs", f"{name}{'-debug' if debug else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def config_from_args(name: str, args: argparse.Namespace):
+    """The preset `name` as the run arguments ask: debug variant, data directory, `--set` overrides."""
+    from jnn import presets
+
+    return presets.from_args(name, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jnn", description="JAX functional neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,7 +81,7 @@ def _train(args) -> int:
         experiment.train(config, args.resume, resume=True, progress=args.progress, stop_at=args.stop_at)
         return 0
     name = args.preset or "digits"
-    config = presets.from_args(name, debug=args.debug, data_dir=args.data_dir, assignments=args.set)
+    config = config_from_args(name, args)
     run_dir = args.run_dir or default_run_dir(name, args.debug)
     experiment.train(config, run_dir, progress=args.progress, stop_at=args.stop_at)
     return 0

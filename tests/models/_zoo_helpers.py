@@ -13,7 +13,7 @@ import optax
 import jax.test_util
 from sklearn import datasets
 
-import _zoo_tolerances as tol
+from tests import tolerances as tol
 
 
 # XLA:CPU spends seconds optimising each tiny test program and microseconds running it:

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import _zoo_helpers as zh
-import _zoo_tolerances as tol
+from tests import tolerances as tol
 from jnn import models
 
 # TensorFlow's DCGAN tutorial model.summary(): generator 2,330,944 total of which 25,472 are

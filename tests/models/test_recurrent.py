@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import _zoo_helpers as zh
-import _zoo_tolerances as tol
+from tests import tolerances as tol
 from jnn import models
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import _zoo_helpers as zh
-import _zoo_tolerances as tol
+from tests import tolerances as tol
 from jnn import models
 
 # timm's vit_{tiny,small,base}_patch16_224 with 1000 classes.
