@@ -16,6 +16,7 @@ exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -65,7 +66,7 @@ class Pipeline:
         augment: Augment | Sequence[Augment] | None = None,
         shard_index: int | None = None,
         shard_count: int | None = None,
-        num_threads: int = 1,
+        num_threads: int | None = None,
         prefetch: int = 4,
         worker_count: int = 0,
     ):
@@ -85,7 +86,9 @@ class Pipeline:
             also the place for `Normalize` in eval pipelines.
           shard_index: this process's shard; default `jax.process_index()`.
           shard_count: number of shards; default `jax.process_count()`.
-          num_threads: grain threads computing batches ahead (0: compute on `next()`).
+          num_threads: grain threads computing batches ahead (0: compute on `next()`). Default: 0 on
+            machines with 2 or fewer cores, where a prefetch thread only competes with the train
+            step (measured: 314 vs 152 us per MNIST batch of 128 on 2 cores), else 1.
           prefetch: batches grain keeps ready ahead of the consumer.
           worker_count: grain multiprocessing workers (0: none; threads suffice for numpy work and
             keep the state format `{"next_index": step}`).
@@ -109,6 +112,8 @@ class Pipeline:
             raise DataError(f"expected num_epochs >= 1 or None (forever), got {num_epochs}.")
         self.augment = compose(augment)
         self.shard_index, self.shard_count = _shard(shard_index, shard_count)
+        if num_threads is None:
+            num_threads = 0 if (os.cpu_count() or 1) <= 2 else 1
         self.num_threads, self.prefetch, self.worker_count = num_threads, prefetch, worker_count
 
         usable = self.num_examples
