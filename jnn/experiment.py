@@ -239,10 +239,11 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
         writer = make_run_writers(run_dir)
+        eval_step = _eval_step(exp)  # one compiled eval step for validation and the final test
         try:
             num_steps = t.steps if stop_at is None else min(stop_at, t.steps)
             result = fit(
-                state, exp.train_data, num_steps=num_steps, loss_fn=exp.loss_fn,
+                state, exp.train_data, num_steps=num_steps, loss_fn=exp.loss_fn, eval_step=eval_step,
                 eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
                 eval_every=t.eval_every, log_every=t.log_every,
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
@@ -259,7 +260,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             best_step = checkpointer.best_step()
             if best_step is not None and best_step != int(final.step):
                 final, _ = checkpointer.restore(exp.state, step=best_step)
-            test = _test(exp, final)
+            test = evaluate(final, exp.eval_data("test"), eval_step)
             writer.write(int(final.step), test, "test")
         finally:
             writer.close()
@@ -283,10 +284,10 @@ def _import_writers() -> None:
     import tensorboardX  # noqa: F401
 
 
-def _test(exp: Experiment, state: TrainState) -> dict[str, Any]:
+def _eval_step(exp: Experiment):
+    """The compiled eval step of a run, with a confusion matrix for classification."""
     classification = exp.state.spec.output_shape and exp.splits.train["labels"].ndim == 1
-    eval_step = jax.jit(make_eval_step(exp.loss_fn, confusion=bool(classification)))
-    return evaluate(state, exp.eval_data("test"), eval_step)
+    return jax.jit(make_eval_step(exp.loss_fn, confusion=bool(classification)))
 
 
 def _line(record: dict) -> str:
@@ -326,7 +327,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
                       best_mode=t.best_mode) as checkpointer:
         step = step if step is not None else (checkpointer.best_step() or checkpointer.latest_step())
         state, _ = checkpointer.restore(exp.state, step=step)
-    test = _test(exp, state)
+    test = evaluate(state, exp.eval_data("test"), _eval_step(exp))
     _say(out, _report_text(exp, test))
     _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(state.step)})")
     return test
