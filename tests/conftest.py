@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The `jnn` command caches compiled programs on disk; tests stay hermetic without it.
+os.environ.setdefault("JNN_COMPILATION_CACHE", "")
 
 import jax  # noqa: E402
 
