@@ -12,6 +12,7 @@ half-deleted step that is still listed: `restore` then falls back from the newes
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Mapping
 
@@ -80,7 +81,8 @@ class Checkpointer:
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
         if best_metric is not None:
             policies.append(pp.BestN(get_metric_fn=lambda metrics: metrics[best_metric],
-                                     reverse=best_mode == "min", n=1))  # ascending sort keeps the tail
+                                     reverse=best_mode == "min", n=1,  # ascending sort keeps the tail
+                                     keep_checkpoints_without_metrics=False))  # else kept forever
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
@@ -107,8 +109,8 @@ class Checkpointer:
         scored = []
         for step in self.all_steps():
             metrics = self.metrics(step)
-            if metrics and self.best_metric in metrics:
-                scored.append((float(metrics[self.best_metric]), step))
+            if metrics and self.best_metric in metrics and math.isfinite(float(metrics[self.best_metric])):
+                scored.append((float(metrics[self.best_metric]), step))  # a diverged (NaN) step is never best
         if not scored:
             return None
         return (max(scored) if self.best_mode == "max" else min(scored))[1]
@@ -125,6 +127,8 @@ class Checkpointer:
         clean = None
         if metrics is not None:
             clean = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+            worst = -math.inf if self.best_mode == "max" else math.inf
+            clean = {k: v if math.isfinite(v) else worst for k, v in clean.items()}  # NaN never ranks best
             if self.best_metric is not None and self.best_metric not in clean:
                 raise ValueError(
                     f"Checkpointer.save: best_metric {self.best_metric!r} is not among the metrics "
@@ -147,7 +151,11 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint found in {self.directory}; expected step folders written by "
                 f"`jnn train` or Checkpointer.save. Fix: point to a run directory that has checkpoints.")
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
+        if step is not None and step not in self.all_steps():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available steps: "
+                                  f"{self.all_steps()}. Fix: pass one of those, or no step for the newest.")
+        # Shapes and dtypes only (eval_shape): the template's buffers may already be donated.
+        target = jax.eval_shape(_arrays, template)
         errors = []
         for s in steps:
             try:

@@ -87,19 +87,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from jnn import config as config_lib
-    from jnn import experiment, presets
+    from jnn import experiment
 
     if args.resume:
+        extra = [flag for flag, given in (("--preset", args.preset), ("--debug", args.debug), ("--set", args.set),
+                                          ("--run-dir", args.run_dir)) if given]
+        if extra:
+            raise ValueError(f"--resume continues a run with the config it started with; got {', '.join(extra)} too. "
+                             f"Fix: drop them (only --data-dir, --stop-at and --progress go with --resume), or "
+                             f"start a new run.")
         experiment.check_resumable(args.resume)
         config = experiment.read_config(args.resume)
-        if args.preset or args.debug:
-            config = presets.from_args(args.preset or "digits", debug=args.debug, data_dir=args.data_dir,
-                                       assignments=args.set)
-        elif args.set or args.data_dir:
-            config = config_lib.override(config, args.set)
-            if args.data_dir:
-                config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
+        if args.data_dir:  # the data moved
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
         experiment.train(config, args.resume, resume=True, progress=args.progress, stop_at=args.stop_at)
         return 0
     name = args.preset or "digits"
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in models.names():
                 print(f"{name:28s} {models.spec(name).description}")
             return 0
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+    except (ValueError, OSError) as err:  # user errors (bad input, files, permissions): one line
         print(f"jnn {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -150,8 +150,8 @@ def build(config: Config) -> Experiment:
 
     model = build_model(config, splits)
     optim = config.optim
-    if optim.total_steps is None:
-        optim = dataclasses.replace(optim, total_steps=config.train.steps)
+    if optim.total_steps is None:  # schedules count optimizer updates: one per accumulate_steps steps
+        optim = dataclasses.replace(optim, total_steps=-(-config.train.steps // optim.accumulate_steps))
     tx = make_optimizer(optim)
     example = splits.train["inputs"][:1]
     state = create_train_state(model, tx, example, config.train.seed)
@@ -211,11 +211,15 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
     if resume:
         check_resumable(run_dir)
         saved = read_config(run_dir)
-        if to_dict(saved) != to_dict(config):
+        moved = dataclasses.replace(saved, data=dataclasses.replace(saved.data, data_dir=config.data.data_dir))
+        if to_dict(moved) != to_dict(config):  # only the data directory may change (data moved)
             raise RunDirError(
                 f"--resume {run_dir}: the given config differs from the run's {CONFIG_FILE}; a resumed run "
                 f"must use the config it started with. Fix: resume without --preset/--set, or start a new run.")
-    elif _has_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+    elif _has_checkpoints(run_dir) or (os.path.exists(os.path.join(run_dir, CONFIG_FILE))
+                                       and to_dict(read_config(run_dir)) != to_dict(config)):
+        # A directory with only the same config.json is a first attempt that failed before its
+        # first checkpoint: starting it again loses nothing.
         raise RunDirError(
             f"run directory {run_dir} already holds a run; refusing to overwrite it. "
             f"Fix: `jnn train --resume {run_dir}` to continue it, or choose another --run-dir.")
@@ -235,6 +239,9 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
         if resume:
             state, data_state = checkpointer.restore(exp.state)
             _say(out, f"resumed {run_dir} at step {int(state.step)}")
+        if stop_at is not None and stop_at <= int(state.step):
+            raise RunDirError(f"--stop-at {stop_at}: the run is already at step {int(state.step)}; expected a "
+                              f"later step (up to train.steps={t.steps}). Fix: pass a larger --stop-at.")
         _say(out, f"training {config.model.name} on {exp.splits.name} ({len(exp.splits.train['labels'])} train / "
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
@@ -259,7 +266,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             final = result.state
             best_step = checkpointer.best_step()
             if best_step is not None and best_step != int(final.step):
-                final, _ = checkpointer.restore(exp.state, step=best_step)
+                final, _ = checkpointer.restore(result.state, step=best_step)  # exp.state was donated
             test = evaluate(final, exp.eval_data("test"), eval_step)
             writer.write(int(final.step), test, "test")
         finally:
@@ -325,7 +332,9 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
     t = config.train
     with Checkpointer(os.path.join(run_dir, CHECKPOINTS), keep=t.keep, best_metric=t.best_metric,
                       best_mode=t.best_mode) as checkpointer:
-        step = step if step is not None else (checkpointer.best_step() or checkpointer.latest_step())
+        if step is None:
+            step = checkpointer.best_step()
+            step = checkpointer.latest_step() if step is None else step
         state, _ = checkpointer.restore(exp.state, step=step)
     test = evaluate(state, exp.eval_data("test"), _eval_step(exp))
     _say(out, _report_text(exp, test))

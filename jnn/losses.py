@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -116,4 +117,10 @@ def get(name: str, **kwargs: Any) -> Callable[[Any, Array], Array]:
         hint = f" Did you mean {close}?" if close else ""
         raise ValueError(f"unknown loss {name!r}; expected one of {names()}.{hint}")
     fn = _LOSSES[name]
+    accepted = inspect.signature(fn).parameters
+    unknown = sorted(k for k in kwargs if k not in accepted or accepted[k].kind != inspect.Parameter.KEYWORD_ONLY)
+    if unknown:
+        options = [k for k, p in accepted.items() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        raise ValueError(f"loss {name!r} takes no option(s) {unknown}; it takes {options or 'none'}. "
+                         f"Fix: drop them (label_smoothing applies to the cross-entropy losses).")
     return functools.partial(fn, **kwargs) if kwargs else fn

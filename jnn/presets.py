@@ -21,8 +21,7 @@ def digits() -> Config:
         model=ModelConfig("digits_cnn", {"features": (16, 32)}),
         # Shifting by up to one pixel ("crop" with padding 1) is what takes test accuracy past 99%.
         data=DataConfig("digits", batch_size=64, val_fraction=0.1, augment=("crop",), crop_padding=1),
-        optim=OptimConfig("adamw", 3e-3, schedule="warmup_cosine", warmup_steps=50, total_steps=500,
-                          weight_decay=1e-4),
+        optim=OptimConfig("adamw", 3e-3, schedule="warmup_cosine", warmup_steps=50, weight_decay=1e-4),
         train=TrainConfig(steps=500, eval_every=250, log_every=50),
     )
 
@@ -105,8 +104,8 @@ def gpt_char() -> Config:
     return Config(
         model=ModelConfig("gpt_char_tiny"),
         data=DataConfig("text", batch_size=32, eval_batch_size=64, seq_len=64),
-        optim=OptimConfig("adamw", 1e-3, schedule="warmup_cosine", warmup_steps=100, total_steps=3000,
-                          weight_decay=0.1, b2=0.99, clip_norm=1.0),
+        optim=OptimConfig("adamw", 1e-3, schedule="warmup_cosine", warmup_steps=100, weight_decay=0.1, b2=0.99,
+                          clip_norm=1.0),
         train=TrainConfig(steps=3000, eval_every=500, log_every=100, best_metric="loss", best_mode="min"),
     )
 
@@ -175,7 +174,7 @@ def get(name: str, *, debug: bool = False) -> Config:
     model = dataclasses.replace(config.model, kwargs={**config.model.kwargs, **_DEBUG_MODEL_KWARGS.get(name, {})})
     data = dataclasses.replace(config.data, batch_size=min(config.data.batch_size, 16), eval_batch_size=64,
                                seq_len=min(config.data.seq_len, 32))
-    optim = dataclasses.replace(config.optim, warmup_steps=min(config.optim.warmup_steps, 2), total_steps=8,
+    optim = dataclasses.replace(config.optim, warmup_steps=min(config.optim.warmup_steps, 2), total_steps=None,
                                 boundaries=tuple(b for b in (4, 6) if config.optim.boundaries))
     train = dataclasses.replace(config.train, steps=8, eval_every=4, log_every=2)
     return dataclasses.replace(config, model=model, data=data, optim=optim, train=train)

@@ -52,6 +52,27 @@ def test_round_trip_is_exact_including_rng_and_batch_stats(tmp_path):
     chex.assert_trees_all_equal(a.params, b.params)
 
 
+def test_restore_into_a_donated_template_and_missing_step(tmp_path):
+    state = _trained(steps=2)
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(state)
+        template = _fresh_template()
+        jax.jit(jnn.make_train_step(CE), donate_argnums=0)(template, _batch())  # deletes template's buffers
+        restored, _ = ckpt.restore(template)
+        chex.assert_trees_all_equal(restored.params, state.params)
+        with pytest.raises(CheckpointError, match=r"no checkpoint for step 5 .*available steps: \[2\]"):
+            ckpt.restore(template, step=5)
+
+
+def test_nan_metric_is_never_best(tmp_path):
+    state = _trained(steps=0)
+    with Checkpointer(tmp_path / "ckpt", keep=1, best_metric="accuracy") as ckpt:
+        for s, acc in {1: 0.5, 2: float("nan"), 3: 0.4}.items():
+            ckpt.save(state.replace(step=jnp.asarray(s, jnp.int32)), metrics={"accuracy": acc})
+        assert ckpt.best_step() == 1
+        assert ckpt.all_steps() == [1, 3]
+
+
 def test_keeps_latest_k_and_the_best(tmp_path):
     state = _trained(steps=0)
     accuracies = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.65}

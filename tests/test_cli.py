@@ -82,6 +82,9 @@ def test_presets_and_models_are_listed(capsys):
     (["train", "--preset", "lenet5_cifar10", "--debug", "--data-dir", "{tmp}/empty"], "cifar"),
     (["train", "--resume", "{tmp}/empty"], "no checkpoint there"),
     (["eval", "{tmp}/empty"], "no config.json"),
+    (["train", "--debug", "--set", "train.seed=-1"], "an int seed must be in [0, 2**32)"),
+    (["train", "--debug", "--set", "train.loss=nll", "--set", "train.label_smoothing=0.1"],
+     "loss 'nll' takes no option(s) ['label_smoothing']"),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -104,9 +107,23 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     code, _, err = _run(["train", "--debug", "--run-dir", str(run)], capsys)
     assert code == 2 and "already holds a run" in err and "--resume" in err
     code, _, err = _run(["train", "--resume", str(run), "--set", "optim.learning_rate=0.5"], capsys)
-    assert code == 2 and "differs from the run's config.json" in err
+    assert code == 2 and "--resume continues a run with the config it started with; got --set" in err
+    code, _, err = _run(["train", "--resume", str(run), "--stop-at", "3"], capsys)
+    assert code == 2 and "--stop-at 3: the run is already at step 8" in err
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before, "nothing already written in a run directory is lost or changed"
+
+
+def test_failed_first_attempt_can_be_started_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = _run(["train", "--debug", "--run-dir", str(run), "--set", "train.loss=mse"], capsys)
+    assert code == 2  # mse on integer class labels vs (B, 10) logits: fails before the first checkpoint
+    assert (run / "config.json").exists() and not (run / "checkpoints").exists() or \
+        not any(p.name.isdigit() for p in (run / "checkpoints").iterdir())
+    code, _, err = _run(["train", "--debug", "--run-dir", str(run), "--set", "train.loss=mse"], capsys)
+    assert "already holds a run" not in err  # the same config may start again
+    code, _, err = _run(["train", "--debug", "--run-dir", str(run)], capsys)
+    assert code == 2 and "already holds a run" in err  # a different config may not
 
 
 def test_incompatible_checkpoint_is_reported(tmp_path, capsys):

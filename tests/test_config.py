@@ -13,7 +13,7 @@ def test_override_coerces_types():
     ])
     assert cfg.optim.learning_rate == 3e-4 and isinstance(cfg.train.steps, int) and cfg.train.steps == 12
     assert cfg.data.augment == ("crop",) and cfg.optim.clip_norm == 1.0 and cfg.data.normalize is True
-    assert cfg.train.early_stopping == "accuracy" and cfg.model.kwargs == {"dropout_rate": 0.1}
+    assert cfg.train.early_stopping == "accuracy" and cfg.model.kwargs["dropout_rate"] == 0.1
     assert cfg.optim.boundaries == (5, 9) and cfg.data.data_dir is None
 
 

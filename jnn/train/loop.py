@@ -66,7 +66,11 @@ class EarlyStopping:
 
 @dataclasses.dataclass
 class FitResult:
-    """What `fit` returns: the final state and what happened."""
+    """What `fit` returns: the final state and what happened.
+
+    `best` is the best evaluation by the early-stopping metric, or the last evaluation when there
+    is no early stopping (the checkpointer's `best_step` ranks by its own `best_metric`).
+    """
 
     state: TrainState
     history: list[dict]
@@ -233,11 +237,15 @@ def fit(
             best = {"step": step, **values}
         return values
 
+    last_saved = None
+    synced = iterator.get_state() if hasattr(iterator, "get_state") else None  # position matching `state`
+
     def save(values: Mapping[str, float] | None):
-        if checkpointer is None:
+        nonlocal last_saved
+        if checkpointer is None or last_saved == step:
             return
-        position = iterator.get_state() if hasattr(iterator, "get_state") else None
-        checkpointer.save(state, data_state=position, metrics=values)
+        checkpointer.save(state, data_state=synced, metrics=values)
+        last_saved = step
 
     bar = _progress(progress, num_steps, step)
     try:
@@ -248,6 +256,8 @@ def fit(
                 batch_size = len(batch["labels"])
             state, metrics = train_step(state, batch)
             step += 1
+            if synced is not None:
+                synced = iterator.get_state()
             pending.append(metrics)
             bar.update(1)
             if step % log_every == 0 or step == num_steps:
@@ -261,10 +271,11 @@ def fit(
             if step % eval_every == 0 or step == num_steps:
                 values = run_eval()
                 save(values)
-        if stopped_early and step % eval_every:  # stopped between evaluations: keep the final state
-            save(None)
     except KeyboardInterrupt:  # keep what was trained: checkpoint, then re-raise
-        save(None)
+        try:  # `state` and `synced` always describe the last completed step
+            save(None)
+        except Exception as err:  # noqa: BLE001 - e.g. interrupted inside the donating step
+            print(f"fit: interrupted; could not save a checkpoint at step {step}: {err}", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -272,5 +283,4 @@ def fit(
             checkpointer.wait()
         if writer is not None and hasattr(writer, "flush"):
             writer.flush()
-    position = iterator.get_state() if hasattr(iterator, "get_state") else None
-    return FitResult(state=state, history=history, best=best, stopped_early=stopped_early, data_state=position)
+    return FitResult(state=state, history=history, best=best, stopped_early=stopped_early, data_state=synced)

@@ -136,6 +136,9 @@ def create_train_state(
       ValueError: if `example_inputs` has no batch axis.
     """
     seed = int(rng) if isinstance(rng, (int, np.integer)) else None
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ValueError(f"create_train_state: an int seed must be in [0, 2**32); got {seed}. "
+                         f"Fix: use a non-negative seed such as 0.")
     example_inputs = np.asarray(example_inputs) if not isinstance(example_inputs, jax.Array) else example_inputs
     if example_inputs.ndim < 1:
         raise ValueError(
