@@ -96,6 +96,10 @@ def make_schedule(config: OptimConfig) -> optax.Schedule:
         raise _unknown("schedule", name, SCHEDULES)
     if name == "warmup_cosine":
         total = _need_total_steps(config)
+        if total <= warmup:
+            raise ValueError(
+                f"schedule 'warmup_cosine' needs total_steps > warmup_steps; got total_steps={total}, "
+                f"warmup_steps={warmup}. Fix: train for more steps, or lower optim.warmup_steps.")
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, config.end_learning_rate)
     if name == "one_cycle":
         return optax.cosine_onecycle_schedule(_need_total_steps(config), lr)

@@ -174,7 +174,7 @@ def get(name: str, *, debug: bool = False) -> Config:
     model = dataclasses.replace(config.model, kwargs={**config.model.kwargs, **_DEBUG_MODEL_KWARGS.get(name, {})})
     data = dataclasses.replace(config.data, batch_size=min(config.data.batch_size, 16), eval_batch_size=64,
                                seq_len=min(config.data.seq_len, 32))
-    optim = dataclasses.replace(config.optim, warmup_steps=min(config.optim.warmup_steps, 2), total_steps=None,
+    optim = dataclasses.replace(config.optim, warmup_steps=0, total_steps=None,
                                 boundaries=tuple(b for b in (4, 6) if config.optim.boundaries))
     train = dataclasses.replace(config.train, steps=8, eval_every=4, log_every=2)
     return dataclasses.replace(config, model=model, data=data, optim=optim, train=train)

@@ -74,6 +74,8 @@ def test_unknown_names_list_valid_ones():
         make_optimizer(schedule="cosin")
     with pytest.raises(ValueError, match="needs total_steps > 0"):
         make_optimizer(schedule="cosine")
+    with pytest.raises(ValueError, match=r"needs total_steps > warmup_steps; got total_steps=2, warmup_steps=2"):
+        make_optimizer(schedule="warmup_cosine", total_steps=2, warmup_steps=2)
 
 
 def test_weight_decay_mask_skips_biases_and_norm_scales():
