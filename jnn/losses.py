@@ -70,13 +70,18 @@ def mean_squared_error(predictions: Array, targets: Array) -> Array:
     return optax.squared_error(predictions, jnp.asarray(targets, predictions.dtype))
 
 
+def mask_weights(mask: Array, values: Array) -> Array:
+    """`mask` over the leading axes of `values` (e.g. (B,) for (B, T) losses), broadcast to its shape."""
+    mask = jnp.asarray(mask, values.dtype)
+    return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)), values.shape)
+
+
 def masked_mean(losses: Array, mask: Array | None = None) -> Array:
     """Mean of `losses` weighted by `mask`, which may cover only the leading axes (e.g. (B,))."""
     losses = jnp.asarray(losses)
     if mask is None:
         return losses.mean()
-    mask = jnp.asarray(mask, losses.dtype)
-    weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (losses.ndim - mask.ndim)), losses.shape)
+    weights = mask_weights(mask, losses)
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1e-12)
 
 

@@ -152,8 +152,7 @@ def _weighted_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array,
         return values, jnp.ones((), values.dtype)
     if mask is None:
         return values.sum(), jnp.asarray(values.size, values.dtype)
-    mask = jnp.asarray(mask, values.dtype)
-    weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)), values.shape)
+    weights = losses_lib.mask_weights(mask, values)
     return (values * weights).sum(), weights.sum()
 
 
