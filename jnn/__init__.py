@@ -8,7 +8,7 @@ from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, evaluate, fit, pad_batch
-from jnn.train.state import InputSpec, TrainState, create_train_state
+from jnn.train.state import InputSpec, TrainState, abstract_train_state, create_train_state
 from jnn.train.step import check_batch, make_eval_step, make_train_step
 from jnn.vmap import create_ensemble, ensemble_train_step, make_dp_train_step, per_example_grads
 
@@ -26,6 +26,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "TrainState",
+    "abstract_train_state",
     "check_batch",
     "config",
     "create_ensemble",

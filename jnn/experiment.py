@@ -34,7 +34,7 @@ from jnn.config import Config, from_dict, to_dict
 from jnn.optim import make_optimizer
 from jnn.train.loop import EarlyStopping, evaluate, fit
 from jnn.train.state import TrainState, create_train_state
-from jnn.train.step import make_eval_step
+from jnn.train.step import make_eval_step, make_train_step
 from jnn.writers import make_run_writers
 
 CONFIG_FILE, TEST_FILE, CHECKPOINTS = "config.json", "test_metrics.json", "checkpoints"
@@ -56,6 +56,8 @@ class Experiment:
     loss_fn: Callable
     note: str | None
     normalize: tuple = ()  # the deterministic preprocessing shared by train and eval pipelines
+    train_step: Callable | None = None  # jitted (state donated); `fit(train_step=...)`
+    eval_step: Callable | None = None  # jitted, with a confusion matrix for classification
 
     def pipeline(self, arrays, *, train: bool = True) -> data_lib.Pipeline:
         """A pipeline over other arrays (e.g. a subset of classes) with this run's preprocessing.
@@ -125,7 +127,7 @@ def build_model(config: Config, splits: data_lib.Splits):
 
 
 def build(config: Config) -> Experiment:
-    """Builds data, model, optimizer and the initial state of a config."""
+    """Builds data, model, optimizer, the initial state and the jitted steps of a config."""
     splits, note = load_data(config)
     d = config.data
     normalize = []
@@ -154,10 +156,14 @@ def build(config: Config) -> Experiment:
         optim = dataclasses.replace(optim, total_steps=-(-config.train.steps // optim.accumulate_steps))
     tx = make_optimizer(optim)
     example = splits.train["inputs"][:1]
-    state = create_train_state(model, tx, example, config.train.seed)
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
-    return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize))
+    classification = splits.train["labels"].ndim == 1 and splits.num_classes > 1
+    train_step = jax.jit(make_train_step(loss_fn), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
+    state = create_train_state(model, tx, example, config.train.seed)
+    return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize),
+                      train_step, eval_step)
 
 
 # ------------------------------------------------------------------ train / eval a run directory
@@ -246,11 +252,11 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
         writer = make_run_writers(run_dir)
-        eval_step = _eval_step(exp)  # one compiled eval step for validation and the final test
+        eval_step = exp.eval_step  # one compiled eval step for validation and the final test
         try:
             num_steps = t.steps if stop_at is None else min(stop_at, t.steps)
             result = fit(
-                state, exp.train_data, num_steps=num_steps, loss_fn=exp.loss_fn, eval_step=eval_step,
+                state, exp.train_data, num_steps=num_steps, train_step=exp.train_step, eval_step=eval_step,
                 eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
                 eval_every=t.eval_every, log_every=t.log_every,
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
@@ -289,12 +295,6 @@ def _import_writers() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
     import tensorboardX  # noqa: F401
-
-
-def _eval_step(exp: Experiment):
-    """The compiled eval step of a run, with a confusion matrix for classification."""
-    classification = exp.state.spec.output_shape and exp.splits.train["labels"].ndim == 1
-    return jax.jit(make_eval_step(exp.loss_fn, confusion=bool(classification)))
 
 
 def _line(record: dict) -> str:
@@ -336,7 +336,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
             step = checkpointer.best_step()
             step = checkpointer.latest_step() if step is None else step
         state, _ = checkpointer.restore(exp.state, step=step)
-    test = evaluate(state, exp.eval_data("test"), _eval_step(exp))
+    test = evaluate(state, exp.eval_data("test"), exp.eval_step)
     _say(out, _report_text(exp, test))
     _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(state.step)})")
     return test

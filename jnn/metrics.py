@@ -49,23 +49,26 @@ def confusion_matrix(
 
 
 def classification_report(confusion: Array) -> dict[str, Any]:
-    """Per-class precision, recall, F1 and support from a confusion matrix, computed on device.
+    """Per-class precision, recall, F1 and support from a confusion matrix.
 
     Matches `sklearn.metrics.classification_report(..., output_dict=True)` with zero_division=0.
+    A numpy matrix is computed with numpy on the host (no compile); a jax array (or a traced one,
+    inside `jit`) with jax.numpy.
 
     Returns:
       {"precision": (C,), "recall": (C,), "f1": (C,), "support": (C,), "accuracy": (),
        "macro_avg": {...}, "weighted_avg": {...}} where the averages hold precision/recall/f1.
     """
-    confusion = jnp.asarray(confusion, jnp.float32)
-    true_pos = jnp.diagonal(confusion)
+    xp = np if isinstance(confusion, np.ndarray) else jnp
+    confusion = xp.asarray(confusion, xp.float32)
+    true_pos = xp.diagonal(confusion)
     support = confusion.sum(1)
     predicted = confusion.sum(0)
-    precision = _safe_div(true_pos, predicted)
-    recall = _safe_div(true_pos, support)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
+    precision = _safe_div(xp, true_pos, predicted)
+    recall = _safe_div(xp, true_pos, support)
+    f1 = _safe_div(xp, 2 * precision * recall, precision + recall)
     total = support.sum()
-    weights = _safe_div(support, total)
+    weights = _safe_div(xp, support, total)
 
     def averages(w):
         return {"precision": (precision * w).sum(), "recall": (recall * w).sum(), "f1": (f1 * w).sum()}
@@ -74,9 +77,9 @@ def classification_report(confusion: Array) -> dict[str, Any]:
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "support": support.astype(jnp.int32),
-        "accuracy": _safe_div(true_pos.sum(), total),
-        "macro_avg": averages(jnp.full_like(support, 1.0 / support.shape[0])),
+        "support": support.astype(xp.int32),
+        "accuracy": _safe_div(xp, true_pos.sum(), total),
+        "macro_avg": averages(xp.full_like(support, 1.0 / support.shape[0])),
         "weighted_avg": averages(weights),
     }
 
@@ -108,8 +111,8 @@ def _mean(values: Array, mask: Array | None) -> Array:
     return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def _safe_div(num: Array, den: Array) -> Array:
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0.0)
+def _safe_div(xp, num: Array, den: Array) -> Array:
+    return xp.where(den > 0, num / xp.where(den > 0, den, 1), xp.float32(0.0))
 
 
 # ------------------------------------------------------------------ mergeable accumulators

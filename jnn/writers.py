@@ -54,20 +54,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 class TensorBoardWriter:
-    """TensorBoard event files under `logdir`, one scalar tag per `split/metric`."""
+    """TensorBoard event files under `logdir`, one scalar tag per `split/metric`.
+
+    The event file is opened at the first write: importing tensorboardX takes 0.3-2 s (it imports
+    PyTorch when that is installed), and `jnn train` imports it in a thread while the train step
+    compiles, so nothing waits for it before the first metrics are logged.
+    """
 
     def __init__(self, logdir: str | os.PathLike):
-        from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
-
-        self._writer = SummaryWriter(os.fspath(logdir))
+        self.logdir = os.fspath(logdir)
+        self._writer = None
 
     def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self.logdir)
         for name, value in scalars(metrics).items():
             self._writer.add_scalar(f"{split}/{name}", value, int(step))
 
     def close(self) -> None:
-        self._writer.flush()
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
 
 
 class CurvesWriter:

@@ -31,12 +31,17 @@ def test_accuracy_and_top_k_match_sklearn():
         metrics.top_k_accuracy(logits, labels, 7)
 
 
-def test_confusion_matrix_and_report_match_sklearn():
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_confusion_matrix_and_report_match_sklearn(where):
     logits, labels = _preds()
     preds = logits.argmax(-1)
     confusion = jax.jit(metrics.confusion_matrix, static_argnums=2)(preds, labels, C)
     np.testing.assert_array_equal(confusion, skm.confusion_matrix(labels, preds, labels=range(C)))
-    report = jax.jit(metrics.classification_report)(confusion)
+    if where == "device":  # jax.numpy, traced under jit
+        report = jax.jit(metrics.classification_report)(confusion)
+    else:  # numpy in, numpy out: what `evaluate` uses, no compile
+        report = metrics.classification_report(np.asarray(confusion))
+        assert isinstance(report["f1"], np.ndarray) and isinstance(report["macro_avg"]["f1"], np.floating)
     expected = skm.classification_report(labels, preds, output_dict=True, zero_division=0)
     for c in range(C):
         row = expected[str(c)]
@@ -56,10 +61,12 @@ def test_confusion_matrix_and_report_match_sklearn():
 def test_report_with_an_absent_class_uses_zero_division_zero():
     labels = np.array([0, 0, 1, 1])
     preds = np.array([0, 1, 1, 1])
-    report = metrics.classification_report(metrics.confusion_matrix(preds, labels, 3))
+    confusion = metrics.confusion_matrix(preds, labels, 3)
     expected = skm.classification_report(labels, preds, labels=[0, 1, 2], output_dict=True, zero_division=0)
-    np.testing.assert_allclose(report["f1"], [expected[str(c)]["f1-score"] for c in range(3)],
-                               atol=tol.F32_REFERENCE_ATOL)
+    for report in (metrics.classification_report(confusion), metrics.classification_report(np.asarray(confusion))):
+        np.testing.assert_allclose(report["f1"], [expected[str(c)]["f1-score"] for c in range(3)],
+                                   atol=tol.F32_REFERENCE_ATOL)
+        np.testing.assert_allclose(report["precision"][2], 0.0)
 
 
 def test_accumulated_over_batches_equals_concatenated():

@@ -32,6 +32,41 @@ def _arrays(state):
     return (state.step, state.params, state.opt_state, state.model_state, jax.random.key_data(state.rng))
 
 
+@pytest.mark.parametrize("seed", [0, "key"])
+def test_abstract_train_state_matches_the_real_one_and_precompiles_the_step(seed):
+    batch = _data()
+    model, tx = TinyBNDropout(), jnn.make_optimizer(name="adamw", learning_rate=1e-2, schedule="warmup_cosine",
+                                                    warmup_steps=2, total_steps=10)
+    rng = 0 if seed == 0 else jax.random.key(0)
+    shapes = jnn.abstract_train_state(model, tx, batch["inputs"][:1], rng)
+    state = jnn.create_train_state(model, tx, batch["inputs"][:1], rng)
+    assert jax.tree.structure(shapes) == jax.tree.structure(state)  # same static fields (spec, tx, apply_fn)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(shapes))
+    chex.assert_trees_all_equal_shapes_and_dtypes(jax.tree.leaves(shapes), jax.tree.leaves(state))
+    assert shapes.spec == state.spec and shapes.spec.output_shape == (3,)
+    step = jax.jit(jnn.make_train_step(CE), donate_argnums=0)
+    step.lower(shapes, batch).compile()  # ahead of time, from shapes only
+    assert _compiles(lambda: jax.jit(jnn.make_train_step(CE))(state, batch))  # without: compiles
+    assert _compiles(lambda: step(state, batch)) == []  # the real first call finds it in jit's cache
+
+
+def _compiles(fn) -> list[str]:
+    """The XLA compilations `fn()` triggers, from jax's compile log."""
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            jax.block_until_ready(fn())
+    finally:
+        logger.removeHandler(handler)
+    return [m for m in messages if "Finished XLA compilation" in m]
+
+
 @pytest.mark.parametrize("model", [TinyMLP(), TinyBNDropout()], ids=["plain", "bn_dropout"])
 def test_shapes_of_state_and_metrics(model):
     batch = _data()

@@ -119,9 +119,10 @@ def take(arrays: Mapping[str, np.ndarray], indices: np.ndarray) -> Arrays:
 def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Splits `range(len(labels))` into (kept, held_out), stratified by label when possible.
 
-    Stratification (scikit-learn's `train_test_split(stratify=...)`) keeps class proportions in both
-    parts; it needs at least 2 examples per class and at least one held-out slot per class, and
-    falls back to a plain seeded random split otherwise (e.g. on tiny test files).
+    The split is scikit-learn's `train_test_split(indices, test_size=..., random_state=seed,
+    stratify=...)`, reproduced exactly. Stratification keeps class proportions in both parts; it
+    needs at least 2 examples per class and at least one held-out slot per class, and falls back to
+    a plain seeded random split otherwise (e.g. on tiny test files).
 
     Args:
       labels: (N,) integer labels (or (N, ...) for sequence data, which is never stratified).
@@ -140,17 +141,48 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
         return indices, indices[:0]
     if num_held >= n:
         raise DataError(f"a split fraction of {fraction} of {n} examples leaves none to train on.")
-    stratify = None
+    rng = np.random.RandomState(seed)
     if labels.ndim == 1:
-        _, counts = np.unique(labels, return_counts=True)
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         if counts.min() >= 2 and len(counts) <= num_held <= n - len(counts):
-            stratify = labels
-    from sklearn import model_selection  # deferred: importing scikit-learn takes ~1 s
+            return _stratified_split(inverse.reshape(-1), counts, n - num_held, num_held, rng)
+    held = rng.permutation(n)[:num_held]
+    return np.setdiff1d(indices, held), np.sort(held)
 
-    kept, held = model_selection.train_test_split(
-        indices, test_size=num_held, random_state=seed, stratify=stratify
-    )
-    return np.sort(kept), np.sort(held)
+
+def _stratified_split(inverse, counts, num_kept, num_held, rng):
+    """scikit-learn's `StratifiedShuffleSplit`, draw for draw, without importing scikit-learn.
+
+    Importing `sklearn.model_selection` costs 1.5-4 s at start-up (it pulls in scipy), more than
+    the rest of loading the digits. This makes the same random draws in the same order, so the
+    splits are exactly scikit-learn's (`tests/data/test_splits.py` compares them).
+    """
+    by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    kept_per_class = _approximate_mode(counts, num_kept, rng)
+    held_per_class = _approximate_mode(counts - kept_per_class, num_held, rng)
+    kept, held = [], []
+    for members, k, h in zip(by_class, kept_per_class, held_per_class):
+        members = members.take(rng.permutation(len(members)), mode="clip")
+        kept.append(members[:k])
+        held.append(members[k:k + h])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def _approximate_mode(counts, draws, rng):
+    """scikit-learn's `utils.extmath._approximate_mode`: per-class draws, ties broken by `rng`."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (candidates,) = np.where(remainder == value)
+            add = min(len(candidates), need)
+            floored[rng.choice(candidates, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def make_splits(

@@ -99,8 +99,9 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
              loss_fn: Any = None, confusion: bool = False) -> dict[str, Any]:
     """Evaluates `state` over `data`, accumulating on device and reading once at the end.
 
-    Batches are padded to the first batch's size with a mask, so the last partial batch neither
-    recompiles the step nor changes the result.
+    Batches are padded with a mask to `data.batch_size` when `data` has one (a `jnn.data.Pipeline`),
+    else to the first batch's size, so neither a last partial batch nor another split of the same
+    batch size recompiles the step, and the padding does not change the result.
 
     Args:
       state: the state to evaluate.
@@ -117,7 +118,9 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
         if loss_fn is None:
             raise ValueError("evaluate: pass eval_step or loss_fn.")
         eval_step = jax.jit(make_eval_step(loss_fn, confusion=confusion))
-    total, size = None, None
+    total = None
+    size = getattr(data, "batch_size", None)  # a Pipeline: pad every split to the same shape
+    size = size if isinstance(size, int) else None
     for batch in data:
         size = size or len(batch["labels"])
         total = metrics_lib.merge(total, eval_step(state, pad_batch(batch, size)))
@@ -125,11 +128,8 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
         raise ValueError("evaluate: the evaluation data yielded no batches.")
     result = metrics_lib.compute(total)
     if "confusion" in result:
-        result["report"] = jax.device_get(_report(result["confusion"]))
+        result["report"] = metrics_lib.classification_report(np.asarray(result["confusion"]))
     return result
-
-
-_report = jax.jit(metrics_lib.classification_report)  # one compile instead of one per small op
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:

@@ -45,6 +45,34 @@ def test_split_indices_disjoint_and_covering():
     np.testing.assert_array_equal(held, held2)
 
 
+@pytest.mark.parametrize("case", [
+    ("digits-test", None, 0.2, 0), ("digits-val", None, 0.1, 0), ("digits-val", None, 0.1, 7),
+    ("uneven", [50, 3, 17, 2, 90, 11], 0.25, 1),  # remainder ties broken by the rng
+    ("ties", [5, 5, 5, 5, 4], 0.3, 2), ("two", [40, 2], 0.1, 3),
+    ("unstratifiable", [30, 1], 0.2, 4),  # a class of 1: plain shuffle split
+    ("sequences", None, 0.2, 5),
+])
+def test_split_indices_equal_scikit_learn(case):
+    """The split reproduces scikit-learn's `train_test_split` draw for draw (no sklearn import)."""
+    from sklearn.model_selection import train_test_split
+
+    name, counts, fraction, seed = case
+    if name.startswith("digits"):
+        labels = jd._digits._read_bundled()[1].astype(np.int32)
+        if name == "digits-val":
+            labels = labels[jd._splits.split_indices(labels, 0.2, 0)[0]]
+    elif name == "sequences":
+        labels = np.random.RandomState(0).randint(0, 5, size=(60, 8))
+    else:
+        labels = np.random.RandomState(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    kept, held = jd._splits.split_indices(labels, fraction, seed)
+    indices = np.arange(len(labels))
+    stratify = labels if name not in ("unstratifiable", "sequences") else None
+    want_kept, want_held = train_test_split(indices, test_size=len(held), random_state=seed, stratify=stratify)
+    np.testing.assert_array_equal(held, np.sort(want_held))
+    np.testing.assert_array_equal(kept, np.sort(want_kept))
+
+
 def test_zero_val_fraction_gives_empty_val():
     splits = jd.load("digits", val_fraction=0.0)
     assert splits.val["inputs"].shape == (0, 8, 8, 1)
