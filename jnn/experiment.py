@@ -251,12 +251,12 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
         _say(out, f"training {config.model.name} on {exp.splits.name} ({len(exp.splits.train['labels'])} train / "
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
-        writer = make_run_writers(run_dir)
+        writer = make_run_writers(run_dir, resume_step=int(state.step))
         eval_step = exp.eval_step  # one compiled eval step for validation and the final test
         try:
-            num_steps = t.steps if stop_at is None else min(stop_at, t.steps)
             result = fit(
-                state, exp.train_data, num_steps=num_steps, train_step=exp.train_step, eval_step=eval_step,
+                state, exp.train_data, num_steps=t.steps, stop_at=stop_at, train_step=exp.train_step,
+                eval_step=eval_step,
                 eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
                 eval_every=t.eval_every, log_every=t.log_every,
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
@@ -265,8 +265,9 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             for record in result.history:
                 if record["split"] == "eval":
                     _say(out, _line(record))
-            if num_steps < t.steps:
-                _say(out, f"stopped at step {num_steps} of {t.steps}; continue with `jnn train --resume {run_dir}`")
+            if int(result.state.step) < t.steps and not result.stopped_early:  # --stop-at: preempted
+                _say(out, f"stopped at step {int(result.state.step)} of {t.steps}; continue with "
+                          f"`jnn train --resume {run_dir}`")
                 return {"run_dir": run_dir, "steps": int(result.state.step), "test": None, "best": result.best,
                         "stopped_early": False, "seconds": time.perf_counter() - start, "history": result.history}
             final = result.state

@@ -71,8 +71,19 @@ def mean_squared_error(predictions: Array, targets: Array) -> Array:
 
 
 def mask_weights(mask: Array, values: Array) -> Array:
-    """`mask` over the leading axes of `values` (e.g. (B,) for (B, T) losses), broadcast to its shape."""
+    """`mask` over the leading axes of `values` (e.g. (B,) for (B, T) losses), broadcast to its shape.
+
+    Raises:
+      ValueError: the mask's shape is not a prefix of the losses' shape (checked on shapes, so
+        under `jit` it is raised while tracing).
+    """
     mask = jnp.asarray(mask, values.dtype)
+    if mask.ndim > values.ndim or mask.shape != values.shape[:mask.ndim]:
+        raise ValueError(
+            f"the batch's 'mask' has shape {mask.shape}, but the loss function returned losses of shape "
+            f"{values.shape}; a mask weighs the leading axes of the losses, so its shape must be a prefix "
+            f"of theirs, e.g. {values.shape[:1]}. Fix: return one loss per masked element (no mean over "
+            f"those axes) from the loss function, or pass a mask of shape {values.shape[:1]}.")
     return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)), values.shape)
 
 

@@ -181,11 +181,18 @@ class MultiWriter:
 
 
 def make_run_writers(run_dir: str | os.PathLike, *, tensorboard: bool = True, png: bool = True,
-                     console: bool = False) -> MultiWriter:
-    """The standard writers of a run directory: metrics.jsonl, tb/ event files, curves.png."""
+                     console: bool = False, resume_step: int | None = None) -> MultiWriter:
+    """The standard writers of a run directory: metrics.jsonl, tb/ event files, curves.png.
+
+    A run directory that already has a metrics.jsonl (a resumed run) keeps it and appends;
+    curves.png redraws its records up to `resume_step`, the step the run resumes from: a run
+    killed after its last checkpoint logged steps that the resumed run trains and logs again.
+    """
     run_dir = os.fspath(run_dir)
     jsonl_path = os.path.join(run_dir, "metrics.jsonl")
     history = read_jsonl(jsonl_path) if os.path.exists(jsonl_path) else []
+    if resume_step is not None:
+        history = [record for record in history if record.get("step", 0) <= resume_step]
     writers: list = [JsonlWriter(jsonl_path)]
     if tensorboard:
         writers.append(TensorBoardWriter(os.path.join(run_dir, "tb")))

@@ -84,6 +84,32 @@ def test_resumed_run_is_bit_for_bit_identical(tmp_path):
     chex.assert_trees_all_equal(resumed.model_state, straight.model_state)
 
 
+def test_resumed_run_keeps_its_early_stopping_patience(tmp_path):
+    """Stopped between evaluations and resumed, a run stops early at the same step as one that never stopped."""
+    train, val = _splits()
+    pipeline = lambda: jnn.data.Pipeline(train, 32, seed=3, augment=None)
+    kwargs = dict(loss_fn=CE, eval_every=5, eval_data=jnn.data.Pipeline(val, 144, train=False), progress=False)
+    stopper = lambda: EarlyStopping("accuracy", min_delta=1.0, patience=3)  # never improves after step 5
+    straight = fit(_state(), pipeline(), num_steps=1000, early_stopping=stopper(), **kwargs)
+    assert straight.stopped_early and int(straight.state.step) == 20  # best at 5; 10, 15, 20 -> stop
+
+    with Checkpointer(tmp_path / "ckpt") as ckpt:  # evaluations at 5 and 10 (patience 1 of 3 spent), none at 12
+        stopped = fit(_state(), pipeline(), num_steps=1000, stop_at=12, early_stopping=stopper(), checkpointer=ckpt,
+                      **kwargs)
+        assert [r["step"] for r in stopped.history if r["split"] == "eval"] == [5, 10]
+        assert ckpt.latest_step() == 12 and ckpt.metrics(12) is None  # saved, not evaluated
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        state, data_state = ckpt.restore(_state())
+    assert int(state.step) == 12
+    assert data_state["next_index"] == 12 and data_state["early_stopping"]["wait"] == 1
+    assert data_state["early_stopping"]["best_step"] == 5
+    resumed_stopper = stopper()
+    resumed = fit(state, pipeline(), num_steps=1000, early_stopping=resumed_stopper, data_state=data_state, **kwargs)
+    assert resumed.stopped_early and int(resumed.state.step) == 20  # a fresh patience would run to 25
+    assert resumed_stopper.best_step == 5 and resumed.best["step"] == 5
+    chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+
+
 def test_interrupt_saves_a_checkpoint_and_reraises(tmp_path):
     train, _ = _splits()
 

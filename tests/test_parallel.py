@@ -1,7 +1,7 @@
 """Every way of spreading the train step over devices computes what one device computes.
 
-Same seed, same 10 global batches: single-device jit vs sharded jit on 2/4/8 devices, FSDP, pmap and
-shard_map on 8 (conftest gives 8 fake CPU devices), for a plain MLP and a BatchNorm model. Each run
+Same seed, same 10 global batches: single-device jit vs sharded jit on 2/4/8 devices and on a 4 x 2
+(data x model) mesh, FSDP on 8 and on 4 x 2, pmap and shard_map on 8 (conftest gives 8 fake CPU devices), for a plain MLP and a BatchNorm model. Each run
 also counts traces: one per path, however many steps. Then the errors a user can cause.
 """
 import functools
@@ -19,7 +19,7 @@ from tests import tolerances as tol
 from tests._parallel_models import BNNet, CE, MLP, STEPS, batches, optimizer
 
 MODELS = {"mlp": MLP, "bn": BNNet}
-PATHS = ("jit-2", "jit-4", "jit-8", "fsdp-8", "pmap-8", "shard_map-8")
+PATHS = ("jit-2", "jit-4", "jit-8", "jit-4x2", "fsdp-8", "fsdp-4x2", "pmap-8", "shard_map-8")  # 4x2: data x model
 BATCHES = batches()
 
 
@@ -69,7 +69,8 @@ def _run(kind: str, path: str) -> Run:
             state, _ = jitted(state, batch)
         return Run(parallel.to_host(state.variables), step.traces, _specs(state.params))
     if name in ("jit", "fsdp"):
-        mesh = parallel.make_mesh(data=int(devices))
+        data, _, model = devices.partition("x")  # "4x2": 4 on the data axis x 2 on the model axis
+        mesh = parallel.make_mesh(data=int(data), model=int(model or 1))
         step = Counted(jnn.make_train_step(CE))
         dp = parallel.data_parallel(step, mesh, fsdp=name == "fsdp")
         state = dp.shard_state(_fresh(kind))
@@ -157,6 +158,26 @@ def test_fsdp_shards_parameters_and_optimizer_state():
     mu = state.opt_state[0].mu["Dense_0"]["kernel"]
     assert mu.sharding.spec == P(None, "data")
     assert mu.addressable_shards[0].data.shape == (12, 4)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_eval_step_under_data_parallel_matches_single_device(fsdp):
+    """The eval step runs on the train step's layout (FSDP too) and sums over the whole global batch."""
+    mesh = parallel.make_mesh(data=4, model=2)
+    train = parallel.data_parallel(jnn.make_train_step(CE), mesh, fsdp=fsdp)
+    state = train.shard_state(_fresh("bn"))
+    for batch in BATCHES[:3]:
+        state, _ = train(state, parallel.shard_batch(batch, mesh))
+    evaluate = parallel.data_parallel(jnn.make_eval_step(CE, confusion=True), mesh, fsdp=fsdp, donate=False)
+    got = jnn.metrics.compute(evaluate(state, parallel.shard_batch(BATCHES[4], mesh)))
+    if fsdp:  # evaluation left the FSDP layout in place
+        assert state.params["Dense_0"]["kernel"].sharding.spec == P(None, "data")
+    single = jax.tree.map(np.asarray, parallel.to_host(state))  # one device, from host copies
+    want = jnn.metrics.compute(jax.jit(jnn.make_eval_step(CE, confusion=True))(single, BATCHES[4]))
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    assert got["accuracy"] == want["accuracy"]
+    np.testing.assert_array_equal(got["confusion"], want["confusion"])
+    assert got["confusion"].sum() == len(BATCHES[4]["labels"])
 
 
 def test_fsdp_spec_picks_largest_divisible_axis():

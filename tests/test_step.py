@@ -67,6 +67,27 @@ def _compiles(fn) -> list[str]:
     return [m for m in messages if "Finished XLA compilation" in m]
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_metrics_subset_computes_only_those_and_updates_the_same(masked):
+    batch = _data()
+    if masked:
+        batch["mask"] = (np.arange(32) % 3 != 0).astype(np.float32)
+    tx = jnn.make_optimizer(name="adam", learning_rate=1e-2)
+    full, full_metrics = jax.jit(jnn.make_train_step(CE))(_state(TinyBNDropout(), tx, batch), batch)
+    bare, bare_metrics = jax.jit(jnn.make_train_step(CE, metrics=("loss",)))(_state(TinyBNDropout(), tx, batch), batch)
+    assert set(full_metrics) == set(jnn.train.step.TRAIN_METRICS) and set(bare_metrics) == {"loss"}
+    chex.assert_trees_all_close(_arrays(bare), _arrays(full), rtol=0, atol=0)  # metrics never change the update
+    np.testing.assert_array_equal(bare_metrics["loss"], full_metrics["loss"])
+    _, some = jax.jit(jnn.make_train_step(CE, metrics=["accuracy", "learning_rate"]))(_state(TinyBNDropout(), tx, batch), batch)
+    assert set(some) == {"loss", "accuracy", "learning_rate"}
+
+
+@pytest.mark.parametrize("metrics", [("loss", "gradnorm"), "loss"])
+def test_unknown_train_metric_lists_the_valid_ones(metrics):
+    with pytest.raises(ValueError, match=r"unknown metric.*expected a collection of \['loss', 'accuracy'"):
+        jnn.make_train_step(CE, metrics=metrics)
+
+
 @pytest.mark.parametrize("model", [TinyMLP(), TinyBNDropout()], ids=["plain", "bn_dropout"])
 def test_shapes_of_state_and_metrics(model):
     batch = _data()
@@ -312,3 +333,17 @@ def test_scalar_loss_with_mask_is_rejected():
     batch = {**_data(), "mask": np.ones(32, np.float32)}
     with pytest.raises(ValueError, match="returned a scalar"):
         jax.jit(jnn.make_train_step(lambda o, y: CE(o, y).mean())).trace(state, batch)
+
+
+def test_mask_with_more_axes_than_the_losses_is_rejected_while_tracing():
+    """Per-token labels and mask (B, T), but a loss that averages over T: the mask cannot apply."""
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.normal(size=(8, 4, 5)).astype(np.float32), "labels": rng.integers(0, 3, (8, 4)),
+             "mask": np.ones((8, 4), np.float32)}
+    state = jnn.create_train_state(TinyMLP(), optax.adam(1e-2), batch["inputs"][:1], 0)
+    step = jnn.make_train_step(lambda o, y: CE(o, y).mean(-1))  # (B,) losses
+    with pytest.raises(ValueError, match=r"'mask' has shape \(8, 4\), but the loss function returned losses of "
+                                         r"shape \(8,\).*Fix: return one loss per masked element"):
+        jax.jit(step).trace(state, batch)
+    with pytest.raises(ValueError, match=r"must be a prefix"):
+        jnn.losses.masked_mean(np.ones((8,)), np.ones((8, 4)))

@@ -57,3 +57,19 @@ def test_read_jsonl_skips_a_torn_last_line(tmp_path):
 def test_console_writer_formats_one_line(capsys):
     writers.ConsoleWriter().write(7, {"loss": 0.123456, "learning_rate": 3e-5}, "eval")
     assert capsys.readouterr().out.strip() == "[eval] step 7  loss 0.1235  learning_rate 3.000e-05"
+
+
+def test_resumed_curves_drop_steps_logged_past_the_checkpoint(tmp_path):
+    """A run killed at step 30 after its checkpoint at 20 logged 30; the resumed run logs 30 again."""
+    w = writers.make_run_writers(tmp_path, tensorboard=False, png=False)
+    for step, loss in ((10, 1.0), (20, 0.5), (30, 0.4)):
+        w.write(step, {"loss": loss}, "train")
+    w.close()
+    resumed = writers.make_run_writers(tmp_path, tensorboard=False, resume_step=20)
+    curves = next(x for x in resumed.writers if isinstance(x, writers.CurvesWriter))
+    assert curves._series[("train", "loss")] == [(10, 1.0), (20, 0.5)]
+    resumed.write(30, {"loss": 0.45}, "train")
+    resumed.close()
+    assert curves._series[("train", "loss")] == [(10, 1.0), (20, 0.5), (30, 0.45)]
+    # metrics.jsonl keeps everything it ever recorded.
+    assert [r["loss"] for r in writers.read_jsonl(tmp_path / "metrics.jsonl")] == [1.0, 0.5, 0.4, 0.45]

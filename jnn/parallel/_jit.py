@@ -40,9 +40,18 @@ class DataParallelStep:
 
     def _compile(self, state_shardings: PyTree) -> Callable:
         rep = _mesh.replicated(self.mesh)
-        out = rep if not self.fsdp else (state_shardings, rep)
-        return jax.jit(self._step, in_shardings=(state_shardings, _mesh.batch_sharding(self.mesh, self.data_axis)),
-                       out_shardings=out, donate_argnums=self._donate)
+        in_shardings = (state_shardings, _mesh.batch_sharding(self.mesh, self.data_axis))
+        if not self.fsdp:
+            return jax.jit(self._step, in_shardings=in_shardings, out_shardings=rep, donate_argnums=self._donate)
+
+        def step(state, batch):  # a train step's new state keeps the FSDP layout; metrics are replicated
+            out = self._step(state, batch)
+            if isinstance(out, tuple) and len(out) == 2 and jax.tree.structure(out[0]) == jax.tree.structure(state):
+                return (jax.lax.with_sharding_constraint(out[0], state_shardings),
+                        jax.lax.with_sharding_constraint(out[1], rep))
+            return jax.lax.with_sharding_constraint(out, rep)  # an eval step: metrics only
+
+        return jax.jit(step, in_shardings=in_shardings, donate_argnums=self._donate)
 
     def state_sharding(self, state: PyTree) -> PyTree:
         """The per-leaf shardings this step keeps `state` in."""
@@ -107,8 +116,8 @@ def data_parallel(train_step: Callable, mesh: Mesh | None = None, *, fsdp: bool 
 
     Args:
       train_step: `make_train_step(loss)` (without `axis_name`), or any pure
-        `(state, batch) -> (state, metrics)`; with `fsdp=False` also an eval step
-        `(state, batch) -> metrics` (pass `donate=False`).
+        `(state, batch) -> (state, metrics)`; or an eval step `(state, batch) -> metrics` such as
+        `make_eval_step(loss)` (pass `donate=False`), FSDP-sharded states included.
       mesh: the device mesh (default `make_mesh()`: all devices on "data").
       fsdp: shard parameters and optimizer state over `data_axis`.
       data_axis: the mesh axis the batch (and FSDP state) is split over.

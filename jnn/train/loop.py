@@ -19,6 +19,7 @@ from jnn.train.state import TrainState
 from jnn.train.step import check_batch, make_eval_step, make_train_step
 
 Batch = Mapping[str, Any]
+_EARLY_STOPPING = "early_stopping"  # the key of the early-stopping counters in a checkpoint's data state
 
 
 @dataclasses.dataclass
@@ -161,6 +162,7 @@ def fit(
     checkpointer: Any = None,
     data_state: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    stop_at: int | None = None,
 ) -> FitResult:
     """Trains `state` until `num_steps` (counting from step 0), evaluating and checkpointing.
 
@@ -187,8 +189,13 @@ def fit(
       early_stopping: an `EarlyStopping` on an evaluation metric.
       writer: any object with `write(step, metrics, split)` (see `jnn.writers`).
       checkpointer: a `jnn.Checkpointer`; saved at each evaluation (with its metrics) and at the end.
-      data_state: the train iterator's saved position, from `Checkpointer.restore`.
+      data_state: the loop's saved position, from `Checkpointer.restore`: the train iterator's
+        state, and the early-stopping counters under "early_stopping" (so a resumed run keeps
+        its best value and patience).
       progress: show a tqdm bar (default: only when stderr is a terminal).
+      stop_at: end this call at this step, before `num_steps`, with a checkpoint and without an
+        evaluation, as a preempted job stops. Calling `fit` again from that checkpoint (with its
+        `data_state`) then evaluates, stops early and ends exactly as an uninterrupted run.
 
     Returns:
       A `FitResult` with the final state, the history of logged records, the best evaluation and
@@ -202,13 +209,20 @@ def fit(
         eval_step = jax.jit(make_eval_step(loss_fn))
     eval_every = eval_every or max(num_steps // 10, 1)
     iterator: Iterator[Batch] = train_data if hasattr(train_data, "__next__") else iter(train_data)
-    if data_state is not None:
+    data_state = dict(data_state or {})
+    stopping_state = data_state.pop(_EARLY_STOPPING, None)
+    if stopping_state is not None and early_stopping is not None:  # a resumed run keeps its patience
+        early_stopping.best, early_stopping.best_step, early_stopping.wait = (
+            stopping_state["best"], stopping_state["best_step"], stopping_state["wait"])
+    if data_state:
         if not hasattr(iterator, "set_state"):
             raise ValueError("fit: data_state was given but the train data iterator has no set_state().")
-        iterator.set_state(dict(data_state))
+        iterator.set_state(data_state)
 
     history: list[dict] = []
     best: dict | None = None
+    if stopping_state is not None and early_stopping is not None and early_stopping.best_step is not None:
+        best = {"step": early_stopping.best_step, early_stopping.metric: early_stopping.best}
     stopped_early = False
     step = int(jax.device_get(state.step))
     pending: list[dict] = []
@@ -244,12 +258,17 @@ def fit(
         nonlocal last_saved
         if checkpointer is None or last_saved == step:
             return
-        checkpointer.save(state, data_state=synced, metrics=values)
+        loop_state = dict(synced or {})
+        if early_stopping is not None:
+            loop_state[_EARLY_STOPPING] = {"best": early_stopping.best, "best_step": early_stopping.best_step,
+                                           "wait": early_stopping.wait}
+        checkpointer.save(state, data_state=loop_state or None, metrics=values)
         last_saved = step
 
+    end = num_steps if stop_at is None else min(stop_at, num_steps)
     bar = _progress(progress, num_steps, step)
     try:
-        while step < num_steps and not stopped_early:
+        while step < end and not stopped_early:
             batch = next(iterator)
             if batch_size is None:  # host-side check of the first batch, with label values
                 check_batch(state, batch, where="fit")
@@ -260,7 +279,7 @@ def fit(
                 synced = iterator.get_state()
             pending.append(metrics)
             bar.update(1)
-            if step % log_every == 0 or step == num_steps:
+            if step % log_every == 0 or step == end:
                 values = _mean_metrics(pending)
                 now = time.perf_counter()
                 values["examples_per_sec"] = (step - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
@@ -271,6 +290,8 @@ def fit(
             if step % eval_every == 0 or step == num_steps:
                 values = run_eval()
                 save(values)
+        if step < num_steps and not stopped_early:  # stopped at `stop_at`: resumable, not evaluated
+            save(None)
     except KeyboardInterrupt:  # keep what was trained: checkpoint, then re-raise
         try:  # `state` and `synced` always describe the last completed step
             save(None)

@@ -9,6 +9,7 @@ Batches are dicts with "inputs" and "labels" and optional extra keys; a "mask" k
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Callable, Mapping
 
 import jax
@@ -196,10 +197,14 @@ def _learning_rate(opt_state) -> jax.Array | None:
 # ----------------------------------------------------------------------------------------------
 
 
+TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "learning_rate")
+
+
 def make_train_step(
     loss_fn: LossFn | str,
     *,
     axis_name: str | None = None,
+    metrics: Collection[str] = TRAIN_METRICS,
     validate: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns a pure `train_step(state, batch) -> (new_state, metrics)`.
@@ -215,14 +220,26 @@ def make_train_step(
         `jnn.losses` function ("cross_entropy", "nll", "mse", ...).
       axis_name: the mapped axis (under `jax.pmap` or `shard_map`) over which gradients, the loss,
         metrics and batch statistics are reduced. None for single-device or sharded jit.
+      metrics: which metrics to compute, of `TRAIN_METRICS`: "loss" (always computed),
+        "accuracy" (when outputs are class scores and labels class ids or one-hot), "grad_norm"
+        (the global L2 norm of the gradient) and "learning_rate" (when the optimizer exposes one,
+        as `jnn.optim.make_optimizer` and `optax.inject_hyperparams` do). Each costs a little:
+        the gradient norm is one more pass over every gradient, which is ~10% of a small MLP's
+        step on 8 CPU devices (`benchmarks/parallel.py`); `metrics=("loss",)` is the bare step.
       validate: check the batch against the model before tracing (see `check_batch`).
 
     Returns:
-      `train_step`, whose metrics are scalars: "loss", "grad_norm", "accuracy" (when outputs are
-      class scores and labels class ids or one-hot) and "learning_rate" (when the optimizer
-      exposes one, as `jnn.optim.make_optimizer` and `optax.inject_hyperparams` do).
+      `train_step`, whose metrics are scalars named as in `metrics`.
+
+    Raises:
+      ValueError: an unknown metric name.
     """
     loss_fn = resolve_loss(loss_fn)
+    unknown = sorted(set(metrics) - set(TRAIN_METRICS))
+    if isinstance(metrics, str) or unknown:
+        raise ValueError(f"make_train_step: unknown metric(s) {unknown or [metrics]}; expected a collection of "
+                         f"{list(TRAIN_METRICS)}. Fix: e.g. metrics=('loss', 'accuracy').")
+    want = frozenset(metrics)
 
     def train_step(state: TrainState, batch: Batch):
         if validate:
@@ -231,6 +248,7 @@ def make_train_step(
         mode = state.spec.mode_kwargs(True) if state.spec is not None else {}
         mutable = list(state.model_state)
         rngs = _step_rngs(state, axis_name)
+        devices = 1 if axis_name is None else lax.axis_size(axis_name)
 
         def compute_loss(params):
             variables = {"params": params, **state.model_state}
@@ -239,32 +257,37 @@ def make_train_step(
             else:
                 outputs, new_model_state = state.apply_fn(variables, inputs, rngs=rngs, **mode), {}
             loss_sum, weight = _weighted_sum(jnp.asarray(loss_fn(outputs, labels)), mask)
+            if mask is None:  # the global weight is static: the mean's 1/N folds into the backward pass
+                loss_sum = loss_sum / (weight * devices)
             return loss_sum, (outputs, new_model_state, lax.stop_gradient(weight))
 
-        # Differentiate the weighted *sum* and divide by the total weight afterwards: the weight does
-        # not depend on the parameters, so this is the gradient of the mean, and across devices it
-        # needs a single all-reduce of everything (as a hand-written pmean step does), not one per
-        # quantity (pmap on 8 CPU devices vs a hand-written pmap step: 1.38x -> 1.12x, measured).
-        (loss_sum, (outputs, new_model_state, weight)), grads = jax.value_and_grad(
+        # With a mask, differentiate the weighted *sum* and divide by the total weight afterwards: the
+        # weight does not depend on the parameters, so this is the gradient of the mean, and across
+        # devices it needs a single all-reduce of everything (as a hand-written pmean step does), not
+        # one per quantity (pmap on 8 CPU devices vs a hand-written pmap step: 1.38x -> 1.12x).
+        (loss, (outputs, new_model_state, weight)), grads = jax.value_and_grad(
             compute_loss, has_aux=True)(state.params)
-        counts = _accuracy_counts(outputs, labels, mask)
+        counts = _accuracy_counts(outputs, labels, mask) if "accuracy" in want else None
         if axis_name is not None:
-            grads, loss_sum, weight, counts, new_model_state = lax.psum(
-                (grads, loss_sum, weight, counts, new_model_state), axis_name)
-            new_model_state = jax.tree.map(lambda x: x / lax.psum(1, axis_name), new_model_state)  # mean
-        scale = 1.0 / jnp.maximum(weight, 1e-12)
-        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-        loss = loss_sum * scale
+            grads, loss, weight, counts, new_model_state = lax.psum(
+                (grads, loss, weight, counts, new_model_state), axis_name)
+            new_model_state = jax.tree.map(lambda x: x / devices, new_model_state)  # mean
+        if mask is not None:
+            scale = 1.0 / jnp.maximum(weight, 1e-12)
+            grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+            loss = loss * scale
         new_state = state.apply_gradients(grads, model_state=new_model_state if mutable else None)
 
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        out = {"loss": loss}
+        if "grad_norm" in want:
+            out["grad_norm"] = optax.tree.norm(grads)
         if counts is not None:
             correct, count = counts
-            metrics["accuracy"] = correct / jnp.maximum(count, 1.0)
-        lr = _learning_rate(new_state.opt_state)
+            out["accuracy"] = correct / jnp.maximum(count, 1.0)
+        lr = _learning_rate(new_state.opt_state) if "learning_rate" in want else None
         if lr is not None:
-            metrics["learning_rate"] = lr
-        return new_state, metrics
+            out["learning_rate"] = lr
+        return new_state, out
 
     train_step.axis_name = axis_name  # lets jnn.parallel refuse a step built for another axis
     return train_step
