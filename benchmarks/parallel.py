@@ -13,8 +13,9 @@ and the same five under pmap (hand_pmap... with psum/pmean; jnn_pmap* via
 jnn.parallel.pmap_train_step; core_pmap = jax.pmap of make_train_step(loss, axis_name="batch")).
 
 The like-for-like ratios, held to 1.05 by issue 5: jnn_*_bare / hand_* (the same work: loss only)
-and jnn_* / hand_*_metrics (the same work: loss, accuracy, gradient norm, learning rate). The
-ratio jnn_* / hand_* is what jnn's default metrics cost over a loss-only step.
+and jnn_* / hand_*_metrics (the same work: loss, accuracy, gradient norm; plain optax.adam exposes
+no learning rate to report). The ratio jnn_* / hand_* is what jnn's default metrics cost over a
+loss-only step.
 
 Timing (benchmarks/common.py): rounds interleave the variants, the order reversed every other
 round; a ratio is the median of the per-round ratios, with its [min, max]. Both wall and process

@@ -5,10 +5,13 @@
 
 Three parts:
   1. `jnn train --run-dir <tmp>` in a fresh process, `--repeats` times (process start, imports, data
-     load, compilation, 1000 steps, evaluations, checkpoints and the test report included): the
-     median wall time, and the user + system CPU seconds of the process (less sensitive to other
-     processes on a shared machine than wall time). `python -c pass` and `python -c "import jnn"`
-     are timed the same way, for the floor.
+     load, compilation, 500 steps, evaluations, checkpoints and the test report included), with the
+     persistent compilation cache off, as a first run on a fresh machine: the median wall time, and
+     the user + system CPU seconds of the process (less sensitive to other processes on a shared
+     machine than wall time). Where PyTorch is installed, tensorboardX imports it (1-2 s of CPU), so
+     the same command also runs with torch hidden, as in an environment without it (CI's). One more
+     row runs with a warm compilation cache (a repeated run). `python -c pass` and
+     `python -c "import jnn"` are timed the same way, for the floor.
   2. The same run in-process (a fresh child process, so `import jax` is cold), with the pieces of
      `jnn.experiment.train` timed through wrappers: imports, data load, model/optimizer/state
      creation, the first train step (compilation), steady-state steps, the train pipeline's
@@ -45,16 +48,17 @@ VAL_EVAL = "fit: validation evaluations (the first compiles the eval step)"
 NEXT = "fit: train pipeline next() (waiting for batches)"
 WRITERS_NEW = "writers: creation (make_run_writers)"
 OTHER = "other (config.json, messages, test_metrics.json)"
-TEST_EVAL = "test evaluation + report (compiles its eval step)"
+TEST_EVAL = "test evaluation + report (the eval step is already compiled)"
 
 
 # ------------------------------------------------------------------------------ subprocess runs
 
 
-def run_process(cmd: list[str], cwd: str) -> dict:
+def run_process(cmd: list[str], cwd: str, env: dict | None = None) -> dict:
     """Runs `cmd` to completion; wall seconds, user + system CPU seconds, exit code and stdout."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -68,28 +72,50 @@ def jnn_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "jnn.cli"]
 
 
+HIDE_TORCH = ("import sys; sys.modules['torch'] = None; from jnn.cli import main; "
+              "sys.argv[0] = 'jnn'; sys.exit(main())")
+
+
+def cli_variants(tmp: str) -> dict[str, tuple[list[str], dict]]:
+    """name -> (command, extra environment) of every fresh-process row."""
+    cold = {"JNN_COMPILATION_CACHE": ""}  # what a first run on a fresh machine pays
+    variants = {
+        "python -c pass": ([sys.executable, "-c", "pass"], {}),
+        "python -c 'import jnn'": ([sys.executable, "-c", "import jnn"], {}),
+        "jnn train": (jnn_command() + ["train"], cold),
+    }
+    if common.version("torch"):  # tensorboardX imports torch when it is installed (not in CI's venv)
+        variants["jnn train, torch hidden (as without torch)"] = ([sys.executable, "-c", HIDE_TORCH, "train"], cold)
+    variants["jnn train, compile cache warm"] = (
+        jnn_command() + ["train"], {"JNN_COMPILATION_CACHE": os.path.join(tmp, "xla-cache")})
+    return variants
+
+
 def cli_runs(repeats: int) -> dict:
-    """`jnn train` (and the interpreter / import floors) in fresh processes, interleaved."""
-    runs: dict[str, list[dict]] = {"python -c pass": [], "python -c 'import jnn'": [], "jnn train": []}
+    """`jnn train` (and the interpreter / import floors) in fresh processes, interleaved.
+
+    `jnn train` runs with the persistent compilation cache off (a first run); the warm-cache row
+    reuses one cache directory, filled by an unmeasured run first.
+    """
     with tempfile.TemporaryDirectory() as tmp:
+        variants = cli_variants(tmp)
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        cmd, extra = variants["jnn train, compile cache warm"]
+        run_process(cmd + ["--run-dir", os.path.join(tmp, "prime")], tmp, extra)  # fills the cache
         for i in range(repeats):
-            for name in runs:
-                if name == "jnn train":
-                    cmd = jnn_command() + ["train", "--run-dir", os.path.join(tmp, f"run{i}")]
-                elif name == "python -c pass":
-                    cmd = [sys.executable, "-c", "pass"]
-                else:
-                    cmd = [sys.executable, "-c", "import jnn"]
+            for name, (cmd, extra) in variants.items():
+                if "jnn train" in name:
+                    cmd = cmd + ["--run-dir", os.path.join(tmp, f"run{i}-{len(runs[name])}-{name[:12]}")]
                 la = common.load_average()
-                r = run_process(cmd, tmp)
+                r = run_process(cmd, tmp, extra)
                 r["load_average_before"] = la
                 if r["returncode"] != 0:
                     raise RuntimeError(f"{cmd} failed:\n{r['stdout']}")
-                if name == "jnn train":
+                if "jnn train" in name:
                     acc = re.search(r"test accuracy ([0-9.]+) .*?; ([0-9.]+) s", r["stdout"])
                     r["test_accuracy"] = float(acc.group(1)) if acc else None
                     r["reported_s"] = float(acc.group(2)) if acc else None  # experiment.train's own clock
-                    print(f"  jnn train #{i + 1}: wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s "
+                    print(f"  {name} #{i + 1}: wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s "
                           f"(user {r['user_s']:.1f} + sys {r['sys_s']:.1f}), test accuracy "
                           f"{r['test_accuracy']}, load {la[0] if la else None}", flush=True)
                 r.pop("stdout")
@@ -119,7 +145,7 @@ def child(seconds: float, rounds: int) -> dict:
     timings["import jnn (flax, optax, grain, ...)"] = time.perf_counter() - t
     t = time.perf_counter()
     from jnn import cli, experiment  # noqa: F401  (what `jnn train` imports: orbax, writers)
-    timings["import jnn.cli / jnn.experiment (orbax, tensorboardX, ...)"] = time.perf_counter() - t
+    timings["import jnn.cli / jnn.experiment (orbax; tensorboardX is imported later)"] = time.perf_counter() - t
     breakdown, run_seconds = instrumented_train(jnn, experiment)
     throughput = pipeline_vs_step(jnn, seconds, rounds)
     return {"imports_s": timings, "breakdown_s": breakdown, "experiment_train_s": run_seconds,
@@ -169,7 +195,7 @@ def instrumented_train(jnn, experiment) -> tuple[dict, float]:
     patch(experiment, "create_train_state", "create_train_state (init, compiled)")
     patch(experiment, "build", "build (total: data, pipeline, model, optimizer, state)")
     patch(loop, "evaluate", VAL_EVAL)
-    patch(experiment, "_test", TEST_EVAL)
+    patch(experiment, "evaluate", TEST_EVAL)  # experiment.train's final test (fit uses loop.evaluate)
     patch(checkpoint.Checkpointer, "__init__", "checkpoints: manager creation")
     patch(checkpoint.Checkpointer, "save", "fit: checkpoint saves")
     patch(checkpoint.Checkpointer, "wait", "fit: checkpoint wait")
@@ -211,15 +237,14 @@ def instrumented_train(jnn, experiment) -> tuple[dict, float]:
         def __getattr__(self, name):
             return getattr(self.it, name)
 
-    def timed_fit(state, train_data, *, loss_fn, **kwargs):
-        step = jax.jit(jnn.make_train_step(loss_fn), donate_argnums=0)  # fit's default step
+    def timed_fit(state, train_data, *, train_step, **kwargs):
         first = []
 
-        def train_step(state, batch):
+        def timed_step(state, batch):  # the experiment's jitted step; its first call compiles
             if first:
-                return step(state, batch)
+                return train_step(state, batch)
             start, c0 = time.perf_counter(), time.process_time()
-            out = jax.block_until_ready(step(state, batch))
+            out = jax.block_until_ready(train_step(state, batch))
             first.append(time.perf_counter() - start)
             clock.add(FIRST_STEP, first[0], time.process_time() - c0)
             return out
@@ -227,8 +252,7 @@ def instrumented_train(jnn, experiment) -> tuple[dict, float]:
         start, c0 = time.perf_counter(), time.process_time()
         in_fit[0] = True
         try:
-            return fit(state, TimedIterator(train_data), loss_fn=loss_fn, train_step=train_step,
-                       eval_step=jax.jit(jnn.make_eval_step(loss_fn)), **kwargs)
+            return fit(state, TimedIterator(train_data), train_step=timed_step, **kwargs)
         finally:
             in_fit[0] = False
             clock.add("fit (total)", time.perf_counter() - start, time.process_time() - c0)

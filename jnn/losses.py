@@ -74,11 +74,11 @@ def mask_weights(mask: Array, values: Array) -> Array:
     """`mask` over the leading axes of `values` (e.g. (B,) for (B, T) losses), broadcast to its shape.
 
     Raises:
-      ValueError: the mask's shape is not a prefix of the losses' shape (checked on shapes, so
-        under `jit` it is raised while tracing).
+      ValueError: the mask's shape is not a prefix of the losses' shape, up to axes of size 1
+        (checked on shapes, so under `jit` it is raised while tracing).
     """
     mask = jnp.asarray(mask, values.dtype)
-    if mask.ndim > values.ndim or mask.shape != values.shape[:mask.ndim]:
+    if mask.ndim > values.ndim or any(m not in (1, v) for m, v in zip(mask.shape, values.shape)):
         raise ValueError(
             f"the batch's 'mask' has shape {mask.shape}, but the loss function returned losses of shape "
             f"{values.shape}; a mask weighs the leading axes of the losses, so its shape must be a prefix "

@@ -61,15 +61,16 @@ class TensorBoardWriter:
     compiles, so nothing waits for it before the first metrics are logged.
     """
 
-    def __init__(self, logdir: str | os.PathLike):
+    def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
         self.logdir = os.fspath(logdir)
+        self.purge_step = purge_step  # a resumed run: TensorBoard hides older events from this step on
         self._writer = None
 
     def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(self.logdir)
+            self._writer = SummaryWriter(self.logdir, purge_step=self.purge_step)
         for name, value in scalars(metrics).items():
             self._writer.add_scalar(f"{split}/{name}", value, int(step))
 
@@ -184,20 +185,35 @@ def make_run_writers(run_dir: str | os.PathLike, *, tensorboard: bool = True, pn
                      console: bool = False, resume_step: int | None = None) -> MultiWriter:
     """The standard writers of a run directory: metrics.jsonl, tb/ event files, curves.png.
 
-    A run directory that already has a metrics.jsonl (a resumed run) keeps it and appends;
-    curves.png redraws its records up to `resume_step`, the step the run resumes from: a run
-    killed after its last checkpoint logged steps that the resumed run trains and logs again.
+    A run directory that already has a metrics.jsonl (a resumed run) keeps it and appends. A run
+    killed after its last checkpoint logged steps that the resumed run trains and logs again, so
+    curves.png redraws only the last attempt at each step, up to `resume_step` (the step the run
+    resumes from), and TensorBoard is told to drop older events after it (`purge_step`).
     """
     run_dir = os.fspath(run_dir)
     jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-    history = read_jsonl(jsonl_path) if os.path.exists(jsonl_path) else []
+    history = _last_attempts(read_jsonl(jsonl_path)) if os.path.exists(jsonl_path) else []
     if resume_step is not None:
         history = [record for record in history if record.get("step", 0) <= resume_step]
     writers: list = [JsonlWriter(jsonl_path)]
     if tensorboard:
-        writers.append(TensorBoardWriter(os.path.join(run_dir, "tb")))
+        purge = resume_step + 1 if resume_step is not None and history else None
+        writers.append(TensorBoardWriter(os.path.join(run_dir, "tb"), purge_step=purge))
     if png:
         writers.append(CurvesWriter(os.path.join(run_dir, "curves.png"), history))
     if console:
         writers.append(ConsoleWriter())
     return MultiWriter(writers)
+
+
+def _last_attempts(records: Sequence[Mapping]) -> list[Mapping]:
+    """The records of the last attempt at each step: a split's step going back starts a new attempt."""
+    kept: list[Mapping] = []
+    last: dict[str, int] = {}
+    for record in records:
+        split, step = record.get("split", "train"), record.get("step", 0)
+        if step <= last.get(split, -1):  # rare: only after a resume
+            kept = [r for r in kept if r.get("split", "train") != split or r.get("step", 0) < step]
+        last[split] = step
+        kept.append(record)
+    return kept

@@ -106,8 +106,29 @@ def test_resumed_run_keeps_its_early_stopping_patience(tmp_path):
     resumed_stopper = stopper()
     resumed = fit(state, pipeline(), num_steps=1000, early_stopping=resumed_stopper, data_state=data_state, **kwargs)
     assert resumed.stopped_early and int(resumed.state.step) == 20  # a fresh patience would run to 25
-    assert resumed_stopper.best_step == 5 and resumed.best["step"] == 5
+    assert resumed_stopper.best_step == 5 and resumed.best == straight.best  # the whole record, loss too
     chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+    assert resumed.data_state["early_stopping"]["wait"] == 3
+
+    # Continuing a run that had stopped early stops at once; a different metric is refused.
+    again = fit(resumed.state, pipeline(), num_steps=1000, early_stopping=stopper(), data_state=resumed.data_state,
+                **kwargs)
+    assert again.stopped_early and int(again.state.step) == 20
+    with pytest.raises(ValueError, match=r"counters are for metric 'accuracy' \(max\), but early_stopping watches "
+                                         r"'loss' \(min\)"):
+        fit(again.state, pipeline(), num_steps=1000, early_stopping=EarlyStopping("loss", "min"),
+            data_state=resumed.data_state, **kwargs)
+
+
+def test_stop_at_the_restored_step_does_not_save_it_twice(tmp_path):
+    train, _ = _splits()
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        fit(_state(), jnn.data.Pipeline(train, 32), num_steps=100, stop_at=6, loss_fn=CE, checkpointer=ckpt,
+            progress=False)
+        state, data_state = ckpt.restore(_state())
+        result = fit(state, jnn.data.Pipeline(train, 32), num_steps=100, stop_at=6, loss_fn=CE, checkpointer=ckpt,
+                     data_state=data_state, progress=False)  # a preemption wrapper called again at its deadline
+        assert int(result.state.step) == 6 and ckpt.all_steps() == [6]
 
 
 def test_interrupt_saves_a_checkpoint_and_reraises(tmp_path):

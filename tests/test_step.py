@@ -82,10 +82,12 @@ def test_metrics_subset_computes_only_those_and_updates_the_same(masked):
     assert set(some) == {"loss", "accuracy", "learning_rate"}
 
 
-@pytest.mark.parametrize("metrics", [("loss", "gradnorm"), "loss"])
+@pytest.mark.parametrize("metrics", [("loss", "gradnorm"), "gradnorm"])
 def test_unknown_train_metric_lists_the_valid_ones(metrics):
-    with pytest.raises(ValueError, match=r"unknown metric.*expected a collection of \['loss', 'accuracy'"):
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['gradnorm'\]; expected a collection of "
+                                         r"\['loss', 'accuracy'"):
         jnn.make_train_step(CE, metrics=metrics)
+    assert jnn.make_train_step(CE, metrics="loss")  # one name is a collection of one
 
 
 @pytest.mark.parametrize("model", [TinyMLP(), TinyBNDropout()], ids=["plain", "bn_dropout"])
@@ -347,3 +349,5 @@ def test_mask_with_more_axes_than_the_losses_is_rejected_while_tracing():
         jax.jit(step).trace(state, batch)
     with pytest.raises(ValueError, match=r"must be a prefix"):
         jnn.losses.masked_mean(np.ones((8,)), np.ones((8, 4)))
+    losses = np.arange(8.0).reshape(4, 2)
+    np.testing.assert_allclose(jnn.losses.masked_mean(losses, np.array([[1.0], [0.0], [1.0], [0.0]])), 2.5)  # (B, 1)

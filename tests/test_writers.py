@@ -9,21 +9,11 @@ from jnn import writers
 
 
 def _read_tensorboard_scalars(logdir):
-    """Parses TFRecord-framed Event protos the way TensorBoard does: {tag: [(step, value)]}."""
-    from tensorboardX.proto import event_pb2
-
+    """{tag: [(step, value)]} of the scalar events, in file order."""
     out = {}
-    for path in glob.glob(f"{logdir}/events.out.tfevents.*"):
-        with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            record = data[pos + 12:pos + 12 + length]  # skip length + its crc
-            pos += 12 + length + 4  # data + its crc
-            event = event_pb2.Event.FromString(record)
-            for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    for event in _read_events(logdir):
+        for value in event.summary.value:
+            out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
 
 
@@ -73,3 +63,49 @@ def test_resumed_curves_drop_steps_logged_past_the_checkpoint(tmp_path):
     assert curves._series[("train", "loss")] == [(10, 1.0), (20, 0.5), (30, 0.45)]
     # metrics.jsonl keeps everything it ever recorded.
     assert [r["loss"] for r in writers.read_jsonl(tmp_path / "metrics.jsonl")] == [1.0, 0.5, 0.4, 0.45]
+
+
+def test_curves_after_two_resumes_keep_only_the_last_attempt_at_each_step(tmp_path):
+    """Killed at 30 (checkpoint 20), resumed and killed at 45 (checkpoint 40), resumed again."""
+    w = writers.make_run_writers(tmp_path, tensorboard=False, png=False)
+    for step, loss in ((10, 1.0), (20, 0.5), (30, 0.4), (30, 0.45), (40, 0.3), (45, 0.2)):
+        w.write(step, {"loss": loss}, "train")
+    w.write(20, {"loss": 0.6}, "eval")
+    w.close()
+    resumed = writers.make_run_writers(tmp_path, tensorboard=False, resume_step=40)
+    curves = next(x for x in resumed.writers if isinstance(x, writers.CurvesWriter))
+    assert curves._series[("train", "loss")] == [(10, 1.0), (20, 0.5), (30, 0.45), (40, 0.3)]
+    assert curves._series[("eval", "loss")] == [(20, 0.6)]
+    resumed.close()
+
+
+def test_resumed_tensorboard_purges_events_after_the_checkpoint(tmp_path):
+    w = writers.make_run_writers(tmp_path, png=False)
+    for step, loss in ((10, 1.0), (20, 0.5), (30, 0.4)):
+        w.write(step, {"loss": loss}, "train")
+    w.close()
+    resumed = writers.make_run_writers(tmp_path, png=False, resume_step=20)
+    resumed.write(30, {"loss": 0.45}, "train")
+    resumed.close()
+    events = _read_tensorboard_scalars(tmp_path / "tb")["train/loss"]
+    assert events[-1] == (30, np.float32(0.45))
+    # TensorBoard drops events from step 21 on that precede a SessionLog START at step 21.
+    from tensorboardX.proto import event_pb2
+
+    starts = [event.step for event in _read_events(tmp_path / "tb")
+              if event.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [21]
+
+
+def _read_events(logdir):
+    """Parses TFRecord-framed Event protos the way TensorBoard does (length, crc, data, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
+        data, pos = open(path, "rb").read(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+            pos += 12 + length + 4
+    return out

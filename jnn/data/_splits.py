@@ -155,7 +155,7 @@ def _stratified_split(inverse, counts, num_kept, num_held, rng):
 
     Importing `sklearn.model_selection` costs 1.5-4 s at start-up (it pulls in scipy), more than
     the rest of loading the digits. This makes the same random draws in the same order, so the
-    splits are exactly scikit-learn's (`tests/data/test_splits.py` compares them).
+    splits are exactly scikit-learn's (`tests/data/test_sources.py` compares them).
     """
     by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
     kept_per_class = _approximate_mode(counts, num_kept, rng)

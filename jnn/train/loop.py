@@ -71,6 +71,8 @@ class FitResult:
 
     `best` is the best evaluation by the early-stopping metric, or the last evaluation when there
     is no early stopping (the checkpointer's `best_step` ranks by its own `best_metric`).
+    `data_state` is the loop's position, as the checkpoints hold it: the train iterator's state
+    and the early-stopping counters; pass it back to `fit` to continue.
     """
 
     state: TrainState
@@ -193,9 +195,11 @@ def fit(
         state, and the early-stopping counters under "early_stopping" (so a resumed run keeps
         its best value and patience).
       progress: show a tqdm bar (default: only when stderr is a terminal).
-      stop_at: end this call at this step, before `num_steps`, with a checkpoint and without an
-        evaluation, as a preempted job stops. Calling `fit` again from that checkpoint (with its
-        `data_state`) then evaluates, stops early and ends exactly as an uninterrupted run.
+      stop_at: end this call at this step, before `num_steps`, with a checkpoint, as a preempted
+        job stops (it evaluates only if `stop_at` is an evaluation step anyway). Calling `fit`
+        again from that checkpoint (with its `data_state`) then evaluates, stops early and ends
+        with the state of an uninterrupted run, bit for bit; only the train-metric record logged
+        at `stop_at` is extra.
 
     Returns:
       A `FitResult` with the final state, the history of logged records, the best evaluation and
@@ -212,6 +216,12 @@ def fit(
     data_state = dict(data_state or {})
     stopping_state = data_state.pop(_EARLY_STOPPING, None)
     if stopping_state is not None and early_stopping is not None:  # a resumed run keeps its patience
+        saved = (stopping_state.get("metric"), stopping_state.get("mode"))
+        if saved != (early_stopping.metric, early_stopping.mode):
+            raise ValueError(
+                f"fit: the checkpoint's early-stopping counters are for metric {saved[0]!r} ({saved[1]}), but "
+                f"early_stopping watches {early_stopping.metric!r} ({early_stopping.mode}). Fix: resume with the "
+                f"same EarlyStopping, or drop 'early_stopping' from data_state to start its patience anew.")
         early_stopping.best, early_stopping.best_step, early_stopping.wait = (
             stopping_state["best"], stopping_state["best_step"], stopping_state["wait"])
     if data_state:
@@ -221,9 +231,10 @@ def fit(
 
     history: list[dict] = []
     best: dict | None = None
-    if stopping_state is not None and early_stopping is not None and early_stopping.best_step is not None:
-        best = {"step": early_stopping.best_step, early_stopping.metric: early_stopping.best}
     stopped_early = False
+    if stopping_state is not None and early_stopping is not None:
+        best = stopping_state.get("best_record")  # the whole evaluation record of the best step
+        stopped_early = early_stopping.wait >= early_stopping.patience  # it had stopped already
     step = int(jax.device_get(state.step))
     pending: list[dict] = []
     batch_size = None
@@ -251,18 +262,24 @@ def fit(
             best = {"step": step, **values}
         return values
 
-    last_saved = None
+    # A state restored from a checkpoint of this step is saved already (orbax refuses a second save).
+    last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
     synced = iterator.get_state() if hasattr(iterator, "get_state") else None  # position matching `state`
+
+    def loop_state() -> dict | None:
+        """What a resumed `fit` needs besides the train state: data position, early-stopping counters."""
+        out = dict(synced or {})
+        if early_stopping is not None:
+            out[_EARLY_STOPPING] = {
+                "metric": early_stopping.metric, "mode": early_stopping.mode, "best": early_stopping.best,
+                "best_step": early_stopping.best_step, "wait": early_stopping.wait, "best_record": best}
+        return out or None
 
     def save(values: Mapping[str, float] | None):
         nonlocal last_saved
         if checkpointer is None or last_saved == step:
             return
-        loop_state = dict(synced or {})
-        if early_stopping is not None:
-            loop_state[_EARLY_STOPPING] = {"best": early_stopping.best, "best_step": early_stopping.best_step,
-                                           "wait": early_stopping.wait}
-        checkpointer.save(state, data_state=loop_state or None, metrics=values)
+        checkpointer.save(state, data_state=loop_state(), metrics=values)
         last_saved = step
 
     end = num_steps if stop_at is None else min(stop_at, num_steps)
@@ -304,4 +321,4 @@ def fit(
             checkpointer.wait()
         if writer is not None and hasattr(writer, "flush"):
             writer.flush()
-    return FitResult(state=state, history=history, best=best, stopped_early=stopped_early, data_state=synced)
+    return FitResult(state=state, history=history, best=best, stopped_early=stopped_early, data_state=loop_state())

@@ -235,9 +235,10 @@ def make_train_step(
       ValueError: an unknown metric name.
     """
     loss_fn = resolve_loss(loss_fn)
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = sorted(set(metrics) - set(TRAIN_METRICS))
-    if isinstance(metrics, str) or unknown:
-        raise ValueError(f"make_train_step: unknown metric(s) {unknown or [metrics]}; expected a collection of "
+    if unknown:
+        raise ValueError(f"make_train_step: unknown metric(s) {unknown}; expected a collection of "
                          f"{list(TRAIN_METRICS)}. Fix: e.g. metrics=('loss', 'accuracy').")
     want = frozenset(metrics)
 
