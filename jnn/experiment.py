@@ -56,8 +56,14 @@ class Experiment:
     loss_fn: Callable
     note: str | None
     normalize: tuple = ()  # the deterministic preprocessing shared by train and eval pipelines
-    train_step: Callable | None = None  # jitted (state donated); `fit(train_step=...)`
-    eval_step: Callable | None = None  # jitted, with a confusion matrix for classification
+    train_step: Callable | None = None  # jitted (state donated); default: from `loss_fn`
+    eval_step: Callable | None = None  # jitted; `build` adds a confusion matrix for classification
+
+    def __post_init__(self):
+        if self.train_step is None:
+            self.train_step = jax.jit(make_train_step(self.loss_fn), donate_argnums=0)
+        if self.eval_step is None:
+            self.eval_step = jax.jit(make_eval_step(self.loss_fn))
 
     def pipeline(self, arrays, *, train: bool = True) -> data_lib.Pipeline:
         """A pipeline over other arrays (e.g. a subset of classes) with this run's preprocessing.
@@ -252,11 +258,11 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
         writer = make_run_writers(run_dir, resume_step=int(state.step))
-        eval_step = exp.eval_step or jax.jit(make_eval_step(exp.loss_fn))  # one for validation and test
+        eval_step = exp.eval_step  # one compiled eval step for validation and the final test
         try:
             result = fit(
-                state, exp.train_data, num_steps=t.steps, stop_at=stop_at, loss_fn=exp.loss_fn,
-                train_step=exp.train_step, eval_step=eval_step,
+                state, exp.train_data, num_steps=t.steps, stop_at=stop_at, train_step=exp.train_step,
+                eval_step=eval_step,
                 eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
                 eval_every=t.eval_every, log_every=t.log_every,
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
@@ -337,7 +343,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
             step = checkpointer.best_step()
             step = checkpointer.latest_step() if step is None else step
         state, _ = checkpointer.restore(exp.state, step=step)
-    test = evaluate(state, exp.eval_data("test"), exp.eval_step or jax.jit(make_eval_step(exp.loss_fn)))
+    test = evaluate(state, exp.eval_data("test"), exp.eval_step)
     _say(out, _report_text(exp, test))
     _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(state.step)})")
     return test

@@ -215,6 +215,14 @@ def fit(
     iterator: Iterator[Batch] = train_data if hasattr(train_data, "__next__") else iter(train_data)
     data_state = dict(data_state or {})
     stopping_state = data_state.pop(_EARLY_STOPPING, None)
+    if data_state:
+        if not hasattr(iterator, "set_state"):
+            raise ValueError("fit: data_state was given but the train data iterator has no set_state().")
+        iterator.set_state(data_state)
+
+    history: list[dict] = []
+    best: dict | None = None
+    stopped_early = False
     if stopping_state is not None and early_stopping is not None:  # a resumed run keeps its patience
         saved = (stopping_state.get("metric"), stopping_state.get("mode"))
         if saved != (early_stopping.metric, early_stopping.mode):
@@ -224,15 +232,6 @@ def fit(
                 f"same EarlyStopping, or drop 'early_stopping' from data_state to start its patience anew.")
         early_stopping.best, early_stopping.best_step, early_stopping.wait = (
             stopping_state["best"], stopping_state["best_step"], stopping_state["wait"])
-    if data_state:
-        if not hasattr(iterator, "set_state"):
-            raise ValueError("fit: data_state was given but the train data iterator has no set_state().")
-        iterator.set_state(data_state)
-
-    history: list[dict] = []
-    best: dict | None = None
-    stopped_early = False
-    if stopping_state is not None and early_stopping is not None:
         best = stopping_state.get("best_record")  # the whole evaluation record of the best step
         stopped_early = early_stopping.wait >= early_stopping.patience  # it had stopped already
     step = int(jax.device_get(state.step))

@@ -204,9 +204,9 @@ def abstract_train_state(
     """The `TrainState` `create_train_state` would return, as shapes only: nothing is computed.
 
     Every array leaf is a `jax.ShapeDtypeStruct`; the static fields (apply_fn, tx, spec) are real.
-    Use it to compile a step ahead of time, e.g. in a thread while the real initialisation
-    compiles: `jax.jit(step).lower(abstract_state, abstract_batch).compile()` fills jit's cache,
-    so the first call with the real state does not compile again.
+    Use it to compile a step ahead of time, before the real state exists:
+    `jax.jit(step).lower(abstract_state, abstract_batch).compile()` fills jit's cache, so the first
+    call with the real state does not compile again (or to inspect shapes and memory).
 
     Example:
       >>> shapes = jnn.abstract_train_state(model, optax.adam(1e-3), x[:1], 0)
