@@ -1,6 +1,6 @@
 """jnn: JAX functional neural networks.
 
-flax.linen models, optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
+flax models (linen or nnx), optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
 from jnn import config, data, losses, metrics, models, optim, parallel, presets, testing, vmap, writers
@@ -8,7 +8,8 @@ from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, evaluate, fit, pad_batch
-from jnn.train.state import InputSpec, TrainState, abstract_train_state, create_train_state
+from jnn.train.state import (InputSpec, ModelSpec, TrainState, abstract_train_state, create_train_state,
+                              to_nnx)
 from jnn.train.step import check_batch, make_eval_step, make_train_step
 from jnn.vmap import create_ensemble, ensemble_train_step, make_dp_train_step, per_example_grads
 
@@ -22,6 +23,7 @@ __all__ = [
     "EarlyStopping",
     "FitResult",
     "InputSpec",
+    "ModelSpec",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -49,6 +51,7 @@ __all__ = [
     "per_example_grads",
     "presets",
     "testing",
+    "to_nnx",
     "vmap",
     "writers",
 ]

@@ -18,7 +18,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jnn.train.state import create_train_state
-from jnn.train.step import _step_rngs, make_train_step, resolve_loss
+from jnn.train.step import make_train_step, resolve_loss, step_rng
 
 # Defaults: float32 reorderings (jit vs eager) and float64 central differences.
 REORDER_RTOL, REORDER_ATOL = 1e-5, 1e-6
@@ -78,18 +78,16 @@ def check_gradients_float64(model_fn: Callable[[Any], Any], inputs: Any, labels:
                              f"{max_params}. Fix: check a tiny configuration, or raise max_params.")
         assert flat.dtype == jnp.float64, f"expected float64 parameters, got {flat.dtype}"
         # With SGD at learning rate 1 the update is exactly -grad: this reads the step's own gradient.
-        new_state, _ = jax.jit(make_train_step(loss))(state, {"inputs": x, "labels": labels})
+        new_state, _ = jax.jit(make_train_step(loss_fn))(state, {"inputs": x, "labels": labels})
         step_grad = ravel_pytree(jax.tree.map(lambda a, b: a - b, state.params, new_state.params))[0]
         # The same training mode and per-step randomness as the step: dropout masks and batch
         # statistics are then identical, so the check holds for such models too.
-        mode, rngs, mutable = state.spec.mode_kwargs(True), _step_rngs(state, None), list(state.model_state)
+        batch = {"inputs": x, "labels": labels}
 
         @jax.jit
         def objective(v):
-            variables = {"params": unravel(v), **state.model_state}
-            out = model.apply(variables, x, rngs=rngs, mutable=mutable, **mode) if mutable else \
-                model.apply(variables, x, rngs=rngs, **mode)
-            return jnp.mean(loss(out[0] if mutable else out, labels))
+            outputs, _ = state.model.apply(unravel(v), state.model_state, x, train=True, rng=step_rng(state))
+            return jnp.mean(loss(outputs, labels, batch))
 
         eye = np.eye(flat.size)
         fd = np.array([(objective(flat + eps * e) - objective(flat - eps * e)) / (2 * eps) for e in eye])

@@ -15,10 +15,11 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jnn.train.state import TrainState, create_train_state
-from jnn.train.step import check_batch, resolve_loss
+from jnn.train.state import TrainState, _initializer, _FAST_COMPILE
+from jnn.train.step import check_batch, resolve_loss, step_rng
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -30,26 +31,29 @@ Batch = Mapping[str, Any]
 
 
 def _example_loss_fn(loss_fn, state: TrainState, train: bool, where: str):
-    """`f(params, x, y, index) -> loss` on one example, run as a batch of one."""
-    loss_fn = resolve_loss(loss_fn)
-    if train and "batch_stats" in state.model_state:
+    """`f(params, example, index) -> loss` on one example (a batch entry without its batch axis),
+    run as a batch of one."""
+    loss = resolve_loss(loss_fn)
+    if train and any(state.model.batch_stats_flags(state.model_state)):
         raise ValueError(
-            f"{where}: the model has BatchNorm statistics (model_state['batch_stats']); in training "
-            f"mode BatchNorm mixes the examples of a batch, so a per-example gradient is not "
-            f"defined. Fix: use GroupNorm/LayerNorm, or pass train=False (running statistics).")
-    mode = state.spec.mode_kwargs(train) if state.spec is not None else {}
-    mutable = list(state.model_state) if train and state.model_state else False
-    base_rng = jax.random.fold_in(state.rng, state.step)
+            f"{where}: the model has BatchNorm statistics; in training mode BatchNorm mixes the "
+            f"examples of a batch, so a per-example gradient is not defined. Fix: use "
+            f"GroupNorm/LayerNorm, or pass train=False (running statistics).")
+    base_rng = step_rng(state)
 
-    def example_loss(params, x, y, index):
-        dropout, latent = jax.random.split(jax.random.fold_in(base_rng, index))
-        variables = {"params": params, **state.model_state}
-        out = state.apply_fn(variables, x[None], rngs={"dropout": dropout, "latent": latent},
-                             mutable=mutable, **mode)
-        outputs = out[0] if mutable else out
-        return jnp.sum(jnp.asarray(loss_fn(outputs, y[None]), jnp.float32))
+    def example_loss(params, example, index):
+        one = jax.tree.map(lambda a: a[None], example)  # a batch of one
+        outputs, _ = state.model.apply(params, state.model_state, one["inputs"], train=train,
+                                       rng=jax.random.fold_in(base_rng, index))
+        return jnp.sum(jnp.asarray(loss(outputs, one["labels"], one), jnp.float32))
 
     return example_loss
+
+
+def _per_example(fn, params, batch: Batch):
+    """vmaps `fn(params, example, index)` over the batch's examples."""
+    index = jnp.arange(len(jax.tree.leaves(batch["labels"])[0]))
+    return jax.vmap(fn, in_axes=(None, 0, 0))(params, dict(batch), index)
 
 
 def per_example_grads(loss_fn: Callable | str, state: TrainState, batch: Batch, *,
@@ -80,9 +84,7 @@ def per_example_grads(loss_fn: Callable | str, state: TrainState, batch: Batch, 
     """
     check_batch(state, batch, where="per_example_grads")
     example_loss = _example_loss_fn(loss_fn, state, train, "per_example_grads")
-    inputs, labels = batch["inputs"], batch["labels"]
-    index = jnp.arange(jnp.shape(inputs)[0])
-    return jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0, 0))(state.params, inputs, labels, index)
+    return _per_example(jax.grad(example_loss), state.params, batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,10 +144,7 @@ def make_dp_train_step(loss_fn: Callable | str, *, validate: bool = True
                 "batch size, so padding would change the noise scale. Fix: drop the last partial "
                 "batch (every batch full).")
         example_loss = _example_loss_fn(loss_fn, state, True, "dp_train_step")
-        inputs, labels = batch["inputs"], batch["labels"]
-        index = jnp.arange(jnp.shape(inputs)[0])
-        losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0, 0))(
-            state.params, inputs, labels, index)  # (B,), params with leading (B,)
+        losses, grads = _per_example(jax.value_and_grad(example_loss), state.params, batch)  # (B,), (B, ...)
         norms = jax.vmap(optax.tree.norm)(grads)  # (B,)
         new_state = state.apply_gradients(grads)
         return new_state, {"loss": jnp.mean(losses), "per_example_grad_norm": jnp.mean(norms)}
@@ -161,12 +160,13 @@ def make_dp_train_step(loss_fn: Callable | str, *, validate: bool = True
 
 def ensemble_keys(rng: jax.Array | int, k: int) -> jax.Array:
     """The K member keys `create_ensemble` uses: `jax.random.split(rng, k)`."""
-    rng = jax.random.key(int(rng)) if isinstance(rng, int) else rng
+    rng = jax.random.key(int(rng)) if isinstance(rng, (int, np.integer)) else rng
     return jax.random.split(rng, k)
 
 
 def create_ensemble(model: Any, tx: optax.GradientTransformation, example_inputs: Any,
-                    rng: jax.Array | int, k: int, **init_kwargs: Any) -> TrainState:
+                    rng: jax.Array | int, k: int, *, train_kwarg: str | None = "auto",
+                    rng_streams: tuple[str, ...] | None = None, **init_kwargs: Any) -> TrainState:
     """K independently initialised copies of a model, stacked into one `TrainState`.
 
     Member `i` equals `create_train_state(model, tx, example_inputs, ensemble_keys(rng, k)[i])`:
@@ -189,11 +189,18 @@ def create_ensemble(model: Any, tx: optax.GradientTransformation, example_inputs
     if k < 1:
         raise ValueError(f"create_ensemble: k={k}; an ensemble needs at least one member.")
     keys = ensemble_keys(rng, k)
-    # One create_train_state per member, then stacked: member i is *exactly* the model that
-    # create_train_state(..., keys[i]) gives (initialisation is compiled once per call and cannot be
-    # vmapped); the cost is K small initialisations, once.
-    members = [create_train_state(model, tx, example_inputs, keys[i], **init_kwargs) for i in range(k)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+    init = _initializer(model, tx, example_inputs, keys[0], init_kwargs, train_kwarg, rng_streams)
+    if init.args[2:]:
+        raise ValueError(
+            "create_ensemble: an nnx module is already initialised, so its K members would be "
+            "identical. Fix: create K modules with different nnx.Rngs seeds and stack their states, "
+            "or use a linen module.")
+    # One compiled jit(vmap(init)) for all members; member i equals create_train_state(..., keys[i]).
+    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    stacked = jax.jit(jax.vmap(init.fn, in_axes=(0, None)))
+    parts = stacked.lower(keys, init.args[1]).compile(options)(keys, init.args[1])
+    member = jax.eval_shape(init.fn, *init.args)
+    return init.finish(parts, jnp.zeros((k,), jnp.int32), member)
 
 
 def ensemble_train_step(train_step: Callable, *, shared_batch: bool = True) -> Callable:

@@ -97,7 +97,7 @@ class Pipeline:
           DataError: bad arrays or arguments, or fewer examples per shard than one batch.
         """
         self.data = _check_data(data)
-        self.num_examples = len(next(iter(self.data.values())))
+        self.num_examples = len(_leaves(self.data)[0])
         if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
             raise DataError(f"expected batch_size to be a positive integer, got {batch_size!r}.")
         if not (isinstance(seed, (int, np.integer)) and seed >= 0):
@@ -172,7 +172,7 @@ class Pipeline:
         """Returns the batch of global `step`: a pure function of the configuration and `step`."""
         epoch, b = self.position(step)
         indices = self._order(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
-        batch = {key: np.take(value, indices, axis=0) for key, value in self.data.items()}
+        batch = _tree_map(lambda value: np.take(value, indices, axis=0), self.data)
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, self.shard_index, int(step)])
             batch = self.augment(batch, rng)
@@ -258,15 +258,31 @@ class NumpyIterator(grain.DatasetIterator):
         self._next_index = int(state["next_index"])
 
 
+def _tree_map(fn, tree):
+    import jax  # deferred: the data module does not need JAX to import
+
+    return jax.tree.map(fn, tree)
+
+
+def _leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
 def _check_data(data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The data as numpy arrays; an entry may be a pytree (e.g. inputs as a tuple or dict of arrays)."""
+    import jax
+
     if not isinstance(data, Mapping) or not data:
         raise DataError(
             "expected data as a non-empty dict of arrays, e.g. {'inputs': x, 'labels': y}, "
             f"got {type(data).__name__}."
         )
-    arrays = {key: np.asarray(value) for key, value in data.items()}
-    lengths = {key: (len(a) if a.ndim else None) for key, a in arrays.items()}
-    if len(set(lengths.values())) != 1 or None in lengths.values():
+    arrays = _tree_map(np.asarray, dict(data))
+    lengths = {jax.tree_util.keystr(path): (len(a) if a.ndim else None)
+               for path, a in jax.tree_util.tree_leaves_with_path(arrays)}
+    if not lengths or len(set(lengths.values())) != 1 or None in lengths.values():
         raise DataError(f"expected arrays with one shared first dimension, got lengths {lengths}.")
     return arrays
 

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from jnn.parallel import _mesh
 from jnn.parallel._checks import check_data_axis, diagnose_sharded_batch
-from jnn.parallel._steps import check_unmapped_step, with_batch_norm_axis
+from jnn.parallel._steps import check_unmapped_step
 
 PyTree = Any
 
@@ -31,7 +31,7 @@ class DataParallelStep:
                  donate: bool, fsdp_min_size: int):
         self.mesh, self.data_axis, self.fsdp = mesh, data_axis, fsdp
         self._fsdp_min_size = fsdp_min_size
-        self._step = with_batch_norm_axis(train_step, None)
+        self._step = train_step
         self._donate = (0,) if donate else ()
         self._jitted: Callable | None = None
         self._state_treedef = None
@@ -135,6 +135,7 @@ def data_parallel(train_step: Callable, mesh: Mesh | None = None, *, fsdp: bool 
     """
     mesh = _mesh.make_mesh() if mesh is None else mesh
     check_data_axis(mesh, data_axis, where="data_parallel")
+    mesh = _mesh.auto_axes(mesh)
     check_unmapped_step(train_step, where="data_parallel")
     return DataParallelStep(train_step, mesh, fsdp=fsdp, data_axis=data_axis, donate=donate,
                             fsdp_min_size=fsdp_min_size)

@@ -64,15 +64,27 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with Auto axis types (the same devices and names).
+
+    jnn's steps let the compiler propagate shardings (Auto axes). `jax.make_mesh` makes Explicit
+    axes by default since jax 0.9, under which ops such as an embedding lookup on a sharded batch
+    must name their output sharding; jnn runs every mesh it is given as Auto instead.
+    """
+    if not isinstance(mesh, Mesh) or all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding that puts a full copy on every device of `mesh`."""
-    return NamedSharding(mesh, P())
+    return NamedSharding(auto_axes(mesh), P())
 
 
 def batch_sharding(mesh: Mesh, data_axis: str = DATA_AXIS) -> NamedSharding:
     """The sharding that splits the leading (batch) axis over `data_axis`."""
     check_data_axis(mesh, data_axis, where="batch_sharding")
-    return NamedSharding(mesh, P(data_axis))
+    return NamedSharding(auto_axes(mesh), P(data_axis))
 
 
 def fsdp_spec(shape: tuple[int, ...], n: int, data_axis: str = DATA_AXIS, min_size: int = 0) -> P:
@@ -105,6 +117,7 @@ def state_sharding(state: PyTree, mesh: Mesh, *, fsdp: bool = False, data_axis: 
       A pytree of `NamedSharding` with the structure of `state`.
     """
     check_data_axis(mesh, data_axis, where="state_sharding")
+    mesh = auto_axes(mesh)
     if not fsdp:
         return jax.tree.map(lambda _: replicated(mesh), state)
     n = mesh.shape[data_axis]

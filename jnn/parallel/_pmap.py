@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jnn.parallel._checks import check_batch_divisible, diagnose_stacked
-from jnn.parallel._steps import resolve_mapped_step, with_batch_norm_axis
+from jnn.parallel._steps import resolve_mapped_step, with_batch_norm_sync
 
 PyTree = Any
 
@@ -87,7 +87,7 @@ class PmapStep:
                  donate: bool, sync_batch_stats: bool):
         self.axis_name = axis_name
         self.devices = _local_devices(devices)
-        step = with_batch_norm_axis(train_step, axis_name if sync_batch_stats else None)
+        step = with_batch_norm_sync(train_step, sync_batch_stats)
         self._pmapped = jax.pmap(step, axis_name=axis_name, devices=devices,
                                  donate_argnums=(0,) if donate else ())
 
@@ -122,7 +122,7 @@ def pmap_train_step(train_step: Callable | str | None = None, *, loss_fn: Any = 
 
     Gradients, the loss and metrics are summed over the device axis by the step
     (`make_train_step(..., axis_name=...)`), BatchNorm statistics are averaged over it in the
-    forward pass (models with a `bn_axis_name` attribute are re-bound to the axis) and the running
+    forward pass (every flax BatchNorm, whatever its `axis_name`) and the running
     statistics are averaged after it. The result equals single-device training on the global batch.
 
     Example:
@@ -138,8 +138,8 @@ def pmap_train_step(train_step: Callable | str | None = None, *, loss_fn: Any = 
       axis_name: the pmap axis; default the step's own `axis_name`, else "batch".
       devices: local devices to map over (default all).
       donate: donate the state argument.
-      sync_batch_stats: average BatchNorm statistics over devices in the forward pass (needs the
-        model's `bn_axis_name` attribute); False keeps per-device statistics.
+      sync_batch_stats: average BatchNorm statistics over devices in the forward pass (any flax
+        BatchNorm); False keeps per-device statistics.
 
     Returns:
       A `PmapStep`: `step(stacked_state, stacked_batch) -> (stacked_state, stacked_metrics)`, with

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jnn.parallel import _mesh
 from jnn.parallel._checks import check_data_axis, diagnose_sharded_batch
-from jnn.parallel._steps import resolve_mapped_step, with_batch_norm_axis
+from jnn.parallel._steps import resolve_mapped_step, with_batch_norm_sync
 
 PyTree = Any
 
@@ -24,7 +24,7 @@ class ShardMapStep:
     def __init__(self, train_step: Callable, mesh: Mesh, data_axis: str, donate: bool,
                  sync_batch_stats: bool):
         self.mesh, self.data_axis = mesh, data_axis
-        step = with_batch_norm_axis(train_step, data_axis if sync_batch_stats else None)
+        step = with_batch_norm_sync(train_step, sync_batch_stats)
         # check_vma=False: the step's own psums make the outputs replicated, exactly as under pmap.
         # With check_vma=True, JAX would also insert a psum when transposing the implicit
         # broadcast of the replicated params, and the step's psum would count gradients twice.
@@ -70,8 +70,8 @@ def shard_map_train_step(train_step: Callable | str | None = None, mesh: Mesh | 
       loss_fn: instead of `train_step`: the loss, and the step is built here.
       data_axis: the mesh axis the batch is split over and the step reduces over.
       donate: donate the state argument.
-      sync_batch_stats: average BatchNorm statistics over `data_axis` in the forward pass (needs the
-        model's `bn_axis_name` attribute); False keeps per-device statistics.
+      sync_batch_stats: average BatchNorm statistics over `data_axis` in the forward pass (any flax
+        BatchNorm); False keeps per-device statistics.
 
     Returns:
       A `ShardMapStep` taking and returning the same layouts as `data_parallel`.
@@ -82,6 +82,7 @@ def shard_map_train_step(train_step: Callable | str | None = None, mesh: Mesh | 
     """
     mesh = _mesh.make_mesh() if mesh is None else mesh
     check_data_axis(mesh, data_axis, where="shard_map_train_step")
+    mesh = _mesh.auto_axes(mesh)
     step, _ = resolve_mapped_step(train_step, loss_fn, data_axis, where="shard_map_train_step",
                                   default_axis=data_axis, fix_axis_is_fixed=True)
     return ShardMapStep(step, mesh, data_axis, donate, sync_batch_stats)

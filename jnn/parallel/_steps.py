@@ -1,20 +1,16 @@
-"""What a parallel wrapper needs from the step and the model: the step's axis, BatchNorm's axis.
+"""What a parallel wrapper needs from the step and the model: the step's axis, BatchNorm's sync.
 
 `make_train_step(loss, axis_name=...)` marks the step it returns with `.axis_name`, so a wrapper can
 tell a step that reduces over devices from one that does not and refuse the wrong kind instead of
 silently training each device on its own shard.
 
-A model that has a `bn_axis_name` attribute (jnn's ResNets, or any flax module passing it to
-`nn.BatchNorm(axis_name=...)`) is re-bound to the wrapper's device axis inside the compiled step,
-so one `TrainState` runs under sharded jit (no axis: statistics of the global batch), pmap and
-shard_map (statistics averaged over the device axis), and the returned state keeps the caller's
-`apply_fn`, so nothing re-traces.
+BatchNorm statistics follow the step's axis for any flax model (`jnn.train.model`): statistics of
+the global batch under sharded jit, averaged over the device axis under pmap and shard_map.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
-
-import flax.linen as nn
 
 from jnn.train.step import make_train_step
 
@@ -76,25 +72,23 @@ def check_unmapped_step(train_step: Callable, *, where: str) -> None:
             f"shard_map_train_step for a step with explicit collectives.")
 
 
-def rebind_batch_norm(state: Any, bn_axis_name: str | None) -> Any:
-    """`state` whose model runs BatchNorm with `axis_name=bn_axis_name`, if it has `bn_axis_name`."""
-    apply_fn = getattr(state, "apply_fn", None)
-    module = getattr(apply_fn, "__self__", None)
-    if not isinstance(module, nn.Module) or not hasattr(module, "bn_axis_name"):
-        return state
-    if module.bn_axis_name == bn_axis_name:
-        return state
-    return state.replace(apply_fn=module.clone(bn_axis_name=bn_axis_name).apply)
+def with_batch_norm_sync(train_step: Callable, sync: bool) -> Callable:
+    """`train_step`, or with `sync=False` a step whose BatchNorm layers keep per-device statistics.
 
-
-def with_batch_norm_axis(train_step: Callable, bn_axis_name: str | None) -> Callable:
-    """Wraps a step so the model's BatchNorm reduces over `bn_axis_name` (see module docstring)."""
+    jnn's step makes every BatchNorm reduce over the step's device axis (see `jnn.train.model`);
+    this wrapper turns that off for one call and gives back the caller's static model, so nothing
+    re-traces.
+    """
+    if sync:
+        return train_step
 
     def step(state, batch):
-        out = train_step(rebind_batch_norm(state, bn_axis_name), batch)
-        if isinstance(out, tuple) and len(out) == 2 and hasattr(out[0], "apply_fn") \
-                and hasattr(state, "apply_fn"):
-            return out[0].replace(apply_fn=state.apply_fn), out[1]
+        model = getattr(state, "model", None)
+        if not hasattr(model, "sync_batch_norm"):
+            return train_step(state, batch)
+        out = train_step(state.replace(model=dataclasses.replace(model, sync_batch_norm=False)), batch)
+        if isinstance(out, tuple) and len(out) == 2 and hasattr(out[0], "model"):
+            return out[0].replace(model=model), out[1]
         return out
 
     return step

@@ -83,8 +83,11 @@ class FitResult:
 
 
 def pad_batch(batch: Batch, size: int) -> dict:
-    """Pads a (last, partial) batch to `size` examples with a zero "mask" on the padding."""
-    n = len(batch["labels"])
+    """Pads a (last, partial) batch to `size` examples with a zero "mask" on the padding.
+
+    Every entry may be an array or a pytree of arrays (e.g. inputs as a tuple or dict).
+    """
+    n = len(jax.tree.leaves(batch["labels"])[0])
     mask = np.asarray(batch.get("mask", np.ones(n, np.float32)), np.float32)
     if n == size:
         return {**batch, "mask": mask}
@@ -95,7 +98,8 @@ def pad_batch(batch: Batch, size: int) -> dict:
         a = np.asarray(a)
         return np.concatenate([a, np.zeros((size - n,) + a.shape[1:], a.dtype)])
 
-    return {**{k: pad(v) for k, v in batch.items() if k != "mask"}, "mask": pad(mask)}
+    padded = jax.tree.map(pad, {k: v for k, v in batch.items() if k != "mask"})
+    return {**padded, "mask": pad(mask)}
 
 
 def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | None = None, *,
@@ -125,7 +129,7 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
     size = getattr(data, "batch_size", None)  # a Pipeline: pad every split to the same shape
     size = size if isinstance(size, int) else None
     for batch in data:
-        size = size or len(batch["labels"])
+        size = size or len(jax.tree.leaves(batch["labels"])[0])
         total = metrics_lib.merge(total, eval_step(state, pad_batch(batch, size)))
     if total is None:
         raise ValueError("evaluate: the evaluation data yielded no batches.")
@@ -288,7 +292,7 @@ def fit(
             batch = next(iterator)
             if batch_size is None:  # host-side check of the first batch, with label values
                 check_batch(state, batch, where="fit")
-                batch_size = len(batch["labels"])
+                batch_size = len(jax.tree.leaves(batch["labels"])[0])
             state, metrics = train_step(state, batch)
             step += 1
             if synced is not None:

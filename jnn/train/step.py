@@ -9,6 +9,7 @@ Batches are dicts with "inputs" and "labels" and optional extra keys; a "mask" k
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 from typing import Any, Callable, Mapping
 
@@ -71,29 +72,15 @@ def check_batch(state: TrainState, batch: Batch, *, where: str = "train_step") -
             f"{sorted(batch)}. Fix: pass {{'inputs': x, 'labels': y, ...}}."
         )
     inputs, labels = batch["inputs"], batch["labels"]
-    in_shape, in_dtype = tuple(np.shape(inputs)), jnp.result_type(inputs)
     spec = state.spec
-    if spec is not None:
-        expected = ("B",) + spec.shape
-        if len(in_shape) != len(expected):
-            raise ValueError(
-                f"{where}: batch['inputs'] has rank {len(in_shape)} (shape {in_shape}); the model was "
-                f"initialised with inputs of shape {_fmt(expected)} (rank {len(expected)}). Fix: reshape "
-                f"the inputs to {_fmt(expected)}, or recreate the state with example inputs of the "
-                f"new shape."
-            )
-        if in_shape[1:] != spec.shape:
-            raise ValueError(
-                f"{where}: batch['inputs'] has shape {in_shape}; expected {_fmt(expected)} (per-example "
-                f"shape {spec.shape}, as in the example inputs given to create_train_state). Fix: "
-                f"resize the inputs, or recreate the state with example inputs of the new shape."
-            )
-        want_kind = jnp.dtype(spec.dtype).kind
-        if in_dtype.kind != want_kind and not {in_dtype.kind, want_kind} <= {"i", "u"}:
-            raise ValueError(
-                f"{where}: batch['inputs'] has dtype {in_dtype}; expected {spec.dtype} (the dtype of "
-                f"the example inputs given to create_train_state). Fix: inputs.astype({spec.dtype!r})."
-            )
+    in_shape = _check_inputs(spec, inputs, where)
+    if isinstance(labels, (Mapping, tuple, list)):  # structured labels: only the batch axis is checked
+        for path, leaf in jax.tree_util.tree_leaves_with_path(labels):
+            if not np.shape(leaf) or np.shape(leaf)[0] != in_shape[0]:
+                raise ValueError(
+                    f"{where}: batch['labels']{jax.tree_util.keystr(path)} has shape {np.shape(leaf)} but "
+                    f"batch['inputs'] has batch size {in_shape[0]}; expected the same leading batch size.")
+        return
     lab_shape = tuple(np.shape(labels))
     if not lab_shape or not in_shape or lab_shape[0] != in_shape[0]:
         raise ValueError(
@@ -127,6 +114,57 @@ def check_batch(state: TrainState, batch: Batch, *, where: str = "train_step") -
                 )
 
 
+def _same_kind(got: Any, want: Any) -> bool:
+    """Same kind of number: floats (bfloat16 and float16 included), integers, booleans, complex."""
+    kinds = (jnp.floating, jnp.integer, jnp.bool_, jnp.complexfloating)
+    return any(jnp.issubdtype(got, k) and jnp.issubdtype(want, k) for k in kinds)
+
+
+def _check_inputs(spec, inputs: Any, where: str) -> tuple:
+    """Checks `batch["inputs"]` (an array or a pytree of arrays) against the spec; returns the
+    shape of its first array (whose leading axis is the batch size)."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(inputs)
+    if not leaves:
+        raise ValueError(f"{where}: batch['inputs'] holds no arrays; expected "
+                         f"{'an array' if spec is None else _fmt(('B',) + spec.shape)}.")
+    if spec is not None and tree != spec.input_tree:
+        raise ValueError(
+            f"{where}: batch['inputs'] has structure {tree}; the model was initialised with inputs "
+            f"of structure {spec.input_tree}. Fix: pass the inputs in the same form (array, tuple or "
+            f"dict with the same keys) as the example inputs given to create_train_state.")
+    sizes = set()
+    for i, (path, x) in enumerate(leaves):
+        name = "batch['inputs']" + jax.tree_util.keystr(path)
+        shape, dtype = tuple(np.shape(x)), jnp.result_type(x)
+        if not shape:
+            raise ValueError(f"{where}: {name} is a scalar; expected a leading batch axis. Fix: pass a "
+                             f"batch of examples, x[None] for one.")
+        sizes.add(shape[0])
+        if spec is None:
+            continue
+        _, want_shape, want_dtype = spec.inputs[i]
+        expected = ("B",) + want_shape
+        if len(shape) != len(expected):
+            raise ValueError(
+                f"{where}: {name} has rank {len(shape)} (shape {shape}); the model was "
+                f"initialised with inputs of shape {_fmt(expected)} (rank {len(expected)}). Fix: reshape "
+                f"the inputs to {_fmt(expected)}, or recreate the state with example inputs of the "
+                f"new shape.")
+        if shape[1:] != want_shape:
+            raise ValueError(
+                f"{where}: {name} has shape {shape}; expected {_fmt(expected)} (per-example "
+                f"shape {want_shape}, as in the example inputs given to create_train_state). Fix: "
+                f"resize the inputs, or recreate the state with example inputs of the new shape.")
+        if not _same_kind(dtype, jnp.dtype(want_dtype)):
+            raise ValueError(
+                f"{where}: {name} has dtype {dtype}; expected {want_dtype} (the dtype of "
+                f"the example inputs given to create_train_state). Fix: inputs.astype({want_dtype!r}).")
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: the arrays of batch['inputs'] have different batch sizes "
+                         f"{sorted(sizes)}; expected one leading batch axis shared by all.")
+    return tuple(np.shape(leaves[0][1]))
+
+
 def _fmt(shape: tuple) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -136,9 +174,55 @@ def _fmt(shape: tuple) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_loss(loss_fn: LossFn | str) -> LossFn:
-    """A loss callable, or the `jnn.losses` function of that name."""
-    return losses_lib.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
+def _takes_batch(fn: Callable) -> bool:
+    try:
+        parameter = inspect.signature(fn).parameters.get("batch")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def _array_loss(fn: Callable) -> bool:
+    """A library loss that takes the model's output array (jnn.losses, optax.losses)."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    module = getattr(fn, "__module__", "") or ""
+    return module.startswith(("jnn.losses", "optax"))
+
+
+def resolve_loss(loss_fn: LossFn | str) -> Callable[[Any, Any, Batch], jax.Array]:
+    """The loss as `loss(outputs, labels, batch)`.
+
+    `loss_fn` is a callable `loss_fn(outputs, labels)`, or `loss_fn(outputs, labels, batch)` when it
+    has a parameter named `batch` (for losses that read other batch entries, e.g. per-token
+    weights); a string names a `jnn.losses` function. A library loss (jnn.losses, optax) given a
+    model that returns a tuple or dict raises a `ValueError` that says how to write the loss.
+    """
+    name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", repr(loss_fn))
+    fn = losses_lib.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
+    if not callable(fn):
+        raise ValueError(f"expected a loss function loss(outputs, labels) or a jnn.losses name, got "
+                         f"{type(loss_fn).__name__}.")
+    wants_batch, array_loss = _takes_batch(fn), _array_loss(fn)
+
+    def loss(outputs, labels, batch):
+        if array_loss and not isinstance(outputs, (jax.Array, np.ndarray)):
+            raise ValueError(
+                f"the loss {name!r} takes the model's output array, but the model returns a "
+                f"{_describe(outputs)}. A loss receives the model's whole output. Fix: write "
+                f"loss_fn(outputs, labels) that picks the part to score, e.g. "
+                f"lambda out, y: jnn.losses.cross_entropy(out[0], y) (or out['logits']); give it a "
+                f"`batch` parameter to read other batch entries.")
+        return fn(outputs, labels, batch=batch) if wants_batch else fn(outputs, labels)
+
+    return loss
+
+
+def _describe(tree: Any) -> str:
+    if isinstance(tree, Mapping):
+        return f"dict with keys {sorted(tree)}"
+    if isinstance(tree, (tuple, list)):
+        return f"{type(tree).__name__} of {len(tree)} values"
+    return type(tree).__name__
 
 
 def _weighted_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -159,7 +243,7 @@ def _weighted_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array,
 
 def _accuracy_counts(outputs, labels, mask) -> tuple[jax.Array, jax.Array] | None:
     """(correct, count) for classification outputs, or None when accuracy does not apply."""
-    if not isinstance(outputs, jax.Array) or outputs.ndim < 2:
+    if not isinstance(outputs, jax.Array) or outputs.ndim < 2 or not isinstance(labels, (jax.Array, np.ndarray)):
         return None
     if jnp.issubdtype(labels.dtype, jnp.integer) and labels.ndim == outputs.ndim - 1:
         correct = (jnp.argmax(outputs, -1) == labels).astype(jnp.float32)
@@ -174,12 +258,24 @@ def _psum(tree, axis_name):
     return tree if axis_name is None else lax.psum(tree, axis_name)
 
 
-def _step_rngs(state: TrainState, axis_name: str | None) -> dict[str, jax.Array]:
+def step_rng(state: TrainState, axis_name: str | None = None) -> jax.Array:
+    """The step's key, `fold_in(state.rng, state.step)`; each rng stream the model draws from gets
+    `jnn.train.model.stream_key(key, name)`."""
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:  # different dropout masks on each device's shard of the batch
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-    dropout, latent = jax.random.split(rng)
-    return {"dropout": dropout, "latent": latent}
+    return rng
+
+
+def _mean_batch_stats(model, model_state, axis_name, devices, others):
+    """psums `others` and the BatchNorm statistics of `model_state` in one all-reduce; averages the
+    statistics. Other collections keep their dtype and per-device values."""
+    leaves, tree = jax.tree.flatten(model_state)
+    flags = model.batch_stats_flags(model_state)
+    stats = [x for x, is_stat in zip(leaves, flags) if is_stat]
+    others, stats = lax.psum((others, stats), axis_name)
+    means = iter(x / devices for x in stats)
+    return others, jax.tree.unflatten(tree, [next(means) if is_stat else x for x, is_stat in zip(leaves, flags)])
 
 
 def _learning_rate(opt_state) -> jax.Array | None:
@@ -246,18 +342,13 @@ def make_train_step(
         if validate:
             check_batch(state, batch, where="train_step")
         inputs, labels, mask = batch["inputs"], batch["labels"], batch.get("mask")
-        mode = state.spec.mode_kwargs(True) if state.spec is not None else {}
-        mutable = list(state.model_state)
-        rngs = _step_rngs(state, axis_name)
+        rng = step_rng(state, axis_name)
         devices = 1 if axis_name is None else lax.axis_size(axis_name)
 
         def compute_loss(params):
-            variables = {"params": params, **state.model_state}
-            if mutable:
-                outputs, new_model_state = state.apply_fn(variables, inputs, rngs=rngs, mutable=mutable, **mode)
-            else:
-                outputs, new_model_state = state.apply_fn(variables, inputs, rngs=rngs, **mode), {}
-            loss_sum, weight = _weighted_sum(jnp.asarray(loss_fn(outputs, labels)), mask)
+            outputs, new_model_state = state.model.apply(params, state.model_state, inputs, train=True,
+                                                         rng=rng, axis_name=axis_name)
+            loss_sum, weight = _weighted_sum(jnp.asarray(loss_fn(outputs, labels, batch)), mask)
             if mask is None:  # the global weight is static: the mean's 1/N folds into the backward pass
                 loss_sum = loss_sum / (weight * devices)
             return loss_sum, (outputs, new_model_state, lax.stop_gradient(weight))
@@ -270,14 +361,13 @@ def make_train_step(
             compute_loss, has_aux=True)(state.params)
         counts = _accuracy_counts(outputs, labels, mask) if "accuracy" in want else None
         if axis_name is not None:
-            grads, loss, weight, counts, new_model_state = lax.psum(
-                (grads, loss, weight, counts, new_model_state), axis_name)
-            new_model_state = jax.tree.map(lambda x: x / devices, new_model_state)  # mean
+            (grads, loss, weight, counts), new_model_state = _mean_batch_stats(
+                state.model, new_model_state, axis_name, devices, (grads, loss, weight, counts))
         if mask is not None:
             scale = 1.0 / jnp.maximum(weight, 1e-12)
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
             loss = loss * scale
-        new_state = state.apply_gradients(grads, model_state=new_model_state if mutable else None)
+        new_state = state.apply_gradients(grads, model_state=new_model_state, value=loss)
 
         out = {"loss": loss}
         if "grad_norm" in want:
@@ -325,9 +415,10 @@ def make_eval_step(
         if validate:
             check_batch(state, batch, where="eval_step")
         inputs, labels, mask = batch["inputs"], batch["labels"], batch.get("mask")
-        mode = state.spec.mode_kwargs(False) if state.spec is not None else {}
-        outputs = state.apply_fn(state.variables, inputs, **mode)
-        out: dict[str, Any] = {"loss": metrics_lib.Average(*_weighted_sum(jnp.asarray(loss_fn(outputs, labels)), mask))}
+        outputs, _ = state.model.apply(state.params, state.model_state, inputs, train=False,
+                                       rng=step_rng(state, axis_name), axis_name=axis_name)
+        losses = jnp.asarray(loss_fn(outputs, labels, batch))
+        out: dict[str, Any] = {"loss": metrics_lib.Average(*_weighted_sum(losses, mask))}
         counts = _accuracy_counts(outputs, labels, mask)
         if counts is not None:
             out["accuracy"] = metrics_lib.Average(*counts)

@@ -1,0 +1,395 @@
+"""How jnn runs a user's model: one contract over flax.linen and flax.nnx modules.
+
+The step never calls a module directly. It calls `state.model.apply(params, model_state, inputs,
+train=..., rng=..., axis_name=...) -> (outputs, new_model_state)`, where `state.model` is one of two
+small static values built once by `create_train_state`:
+
+- `LinenModel` wraps a `flax.linen.Module` (`init` / `apply`). It knows the keyword that switches
+  train/eval mode (`train=`, `training=`, `is_training=`, or the inverted `deterministic=`,
+  `use_running_average=`, `inference=`), the rng streams the model draws from (found by running the
+  model once on shapes, whatever their names), and which variable collections are state (updated
+  and kept, e.g. `batch_stats`) as opposed to values the model `sow`s (dropped every step).
+- `NnxModel` wraps a `flax.nnx.Module` through `nnx.split` / `nnx.merge`: the parameters
+  (`nnx.Param`) and the other variables (batch statistics, counters) travel as plain nested dicts,
+  the module is merged inside the traced step from them, put in `train()` or `eval()` mode, its rng
+  streams reseeded from the step's key, and split again after the call.
+
+Rules every model follows under jnn (documented in the README):
+
+- Inputs: a tuple is passed as positional arguments (`model(ids, lengths)`); any other pytree
+  (an array, a dict, a list) is passed as one argument.
+- Randomness: each rng stream `name` gets `fold_in(step_key, crc32(name))`, where step_key is
+  `fold_in(state.rng, state.step)` (and the device index under pmap / shard_map).
+- BatchNorm: every `nn.BatchNorm` / `nnx.BatchNorm` computes its statistics over the step's device
+  axis (the whole global batch), whatever `axis_name` the model was written with; across devices
+  only batch statistics are averaged, every other collection keeps its dtype and per-device value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import warnings
+import zlib
+from typing import Any, Sequence
+
+import flax.errors
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PyTree = Any
+
+# Mode keywords a model's `__call__` may take: True in training / True in evaluation.
+TRAIN_KEYWORDS = ("train", "training", "is_training")
+EVAL_KEYWORDS = ("deterministic", "use_running_average", "inference")
+AUTO = "auto"  # create_train_state(train_kwarg=AUTO): find the mode keyword in the signature
+
+_MAX_RNG_STREAMS = 64
+_RNG_ERROR = re.compile(r'needs PRNG for "([^"]+)"')
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared rules: randomness, inputs, the mode keyword.
+# ----------------------------------------------------------------------------------------------
+
+
+def stream_key(rng: jax.Array, name: str) -> jax.Array:
+    """The key of rng stream `name` derived from a step key: `fold_in(rng, crc32(name))`."""
+    return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def stream_keys(rng: jax.Array, names: Sequence[str]) -> dict[str, jax.Array]:
+    return {name: stream_key(rng, name) for name in names}
+
+
+def call_args(inputs: Any) -> tuple:
+    """The positional arguments a batch's inputs become: a tuple is splatted, anything else is one."""
+    return tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeKeyword:
+    """The keyword that switches a linen model between training and evaluation.
+
+    Attributes:
+      name: the keyword, e.g. "train" or "deterministic".
+      true_in_training: `train=True` in training (True), or `deterministic=False` (False).
+    """
+
+    name: str
+    true_in_training: bool
+
+    def kwargs(self, train: bool) -> dict[str, bool]:
+        return {self.name: train if self.true_in_training else not train}
+
+
+def find_mode_keyword(module: Any, train_kwarg: str | None = AUTO) -> ModeKeyword | None:
+    """The mode keyword of a linen module's `__call__` (`train_kwarg=AUTO`), or the one named.
+
+    Raises:
+      ValueError: `train_kwarg` names a keyword the module's `__call__` does not take.
+    """
+    if train_kwarg is None:
+        return None
+    try:
+        parameters = inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if train_kwarg != AUTO:
+        if train_kwarg not in parameters and not takes_kwargs:
+            raise ValueError(
+                f"create_train_state: train_kwarg={train_kwarg!r}, but {type(module).__name__}.__call__ "
+                f"takes {list(parameters)}. Fix: name one of its keywords, or pass train_kwarg=None "
+                f"for a model without a train/eval switch.")
+        return ModeKeyword(train_kwarg, train_kwarg not in EVAL_KEYWORDS)
+    for name in TRAIN_KEYWORDS + EVAL_KEYWORDS:
+        if name in parameters:
+            return ModeKeyword(name, name in TRAIN_KEYWORDS)
+    return None
+
+
+def check_call_args(module: Any, inputs: Any, where: str) -> None:
+    """Refuses a tuple of inputs that the model's `__call__` cannot take as positional arguments."""
+    if not isinstance(inputs, tuple) or not callable(module):
+        return
+    call, args = module.__call__, call_args(inputs)
+    try:
+        signature = inspect.signature(call)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind_partial(*args)
+    except TypeError as err:
+        raise ValueError(
+            f"{where}: the inputs are a tuple of {len(args)} arrays, which jnn passes as {len(args)} "
+            f"positional arguments, but {getattr(call, '__qualname__', call)} takes "
+            f"{list(signature.parameters)} ({err}). Fix: pass a list or a dict to give the model one "
+            f"argument, or accept {len(args)} arguments.") from None
+
+
+def _batch_norm_axis(axis_name: str | None):
+    """A linen interceptor that makes every `nn.BatchNorm` reduce its statistics over `axis_name`.
+
+    The module it edits is the bound copy `apply` made for this call, never the user's module.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.BatchNorm) \
+                or module.axis_name == axis_name:
+            return next_fun(*args, **kwargs)
+        original = module.axis_name
+        object.__setattr__(module, "axis_name", axis_name)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "axis_name", original)
+
+    return nn.intercept_methods(interceptor)
+
+
+def _same_shapes(a: PyTree, b: PyTree) -> bool:
+    """Same structure and shapes: a state collection; a sown one grows (its tuples get longer)."""
+    shapes = lambda t: [tuple(jnp.shape(x)) for x in jax.tree.leaves(t)]  # noqa: E731
+    return jax.tree.structure(a) == jax.tree.structure(b) and shapes(a) == shapes(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# flax.linen
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenModel:
+    """A flax.linen module as jnn runs it (static: part of the `TrainState`'s structure).
+
+    Attributes:
+      module: the user's module.
+      mode: its train/eval keyword, or None.
+      rng_streams: the rng stream names it draws from in training.
+      collections: its state collections (e.g. ("batch_stats",)), mutable in training.
+      sync_batch_norm: BatchNorm statistics over the step's device axis (False: per device).
+    """
+
+    module: nn.Module
+    mode: ModeKeyword | None
+    rng_streams: tuple[str, ...]
+    collections: tuple[str, ...]
+    sync_batch_norm: bool = True
+
+    kind = "linen"
+
+    def variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
+        return {"params": params, **model_state}
+
+    def __call__(self, variables: PyTree, *args, **kwargs):
+        """`module.apply(variables, *args, **kwargs)`: flax's own apply, as `state.apply_fn`."""
+        return self.module.apply(variables, *args, **kwargs)
+
+    def apply(self, params: PyTree, model_state: PyTree, inputs: Any, *, train: bool,
+              rng: jax.Array | None = None, axis_name: str | None = None) -> tuple[Any, PyTree]:
+        """Runs the model; returns `(outputs, new_model_state)` (`model_state` itself in eval)."""
+        mode = self.mode.kwargs(train) if self.mode is not None else {}
+        rngs = stream_keys(rng, self.rng_streams) if rng is not None else {}
+        # State collections are mutable in evaluation too (a model may update a counter on every
+        # call); evaluation discards the updates.
+        mutable = list(self.collections) if self.collections else False
+        with _batch_norm_axis(axis_name if self.sync_batch_norm else None):
+            out = self.module.apply(self.variables(params, model_state), *call_args(inputs), rngs=rngs,
+                                    mutable=mutable, **mode)
+        if not mutable:
+            return out, model_state
+        outputs, updated = out
+        return outputs, ({c: updated[c] for c in self.collections} if train else model_state)
+
+    def batch_stats_flags(self, model_state: PyTree) -> list[bool]:
+        """Per leaf of `model_state`: is it a BatchNorm statistic (averaged across devices)?"""
+        return [bool(path) and getattr(path[0], "key", None) == "batch_stats"
+                for path, _ in jax.tree_util.tree_flatten_with_path(model_state)[0]]
+
+
+def _uses(module: nn.Module, variables: PyTree, inputs: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether applying `module` (eval mode, shapes only) calls a submodule of one of `kinds`."""
+    found = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, kinds):
+            found.append(type(context.module).__name__)
+        return next_fun(*args, **kwargs)
+
+    try:
+        with nn.intercept_methods(record), _batch_norm_axis(None):
+            jax.eval_shape(lambda v, x: module.apply(v, *call_args(x), rngs={"params": jax.random.key(0)},
+                                                     mutable=True), variables, inputs)
+    except Exception:  # noqa: BLE001 - only a hint for a warning; never fail creation on it
+        return False
+    return bool(found)
+
+
+def linen_model(module: nn.Module, variables: PyTree, example_inputs: Any, *, mode: ModeKeyword | None,
+                train_kwarg: str | None, rng_streams: Sequence[str] | None) -> tuple[LinenModel, Any]:
+    """Builds the `LinenModel` of `module` from its initial variables (arrays or shapes).
+
+    Runs the model once in training mode on shapes (nothing is computed) to learn the rng streams
+    it draws from and which collections keep their structure (state) or grow (`sow`n values).
+
+    Returns:
+      The model and its training-mode output (shapes).
+    """
+    variables = dict(variables)
+    variables.pop("intermediates", None)
+    streams = list(rng_streams or ())
+    train = mode.kwargs(True) if mode is not None else {}
+
+    def run(v, x):
+        rngs = stream_keys(jax.random.key(0), streams)
+        with _batch_norm_axis(None):
+            return module.apply(v, *call_args(x), rngs=rngs, mutable=True, **train)
+
+    for _ in range(_MAX_RNG_STREAMS):
+        try:
+            outputs, updated = jax.eval_shape(run, variables, example_inputs)
+            break
+        except flax.errors.InvalidRngError as err:
+            found = _RNG_ERROR.search(str(err))
+            if found is None or found.group(1) in streams:
+                raise ValueError(
+                    f"create_train_state: {type(module).__name__} asks for an rng stream jnn could not "
+                    f"name ({err}). Fix: list its streams, create_train_state(..., rng_streams=("
+                    f"'dropout', ...)).") from err
+            streams.append(found.group(1))
+    collections = tuple(sorted(c for c in variables if c != "params" and c in updated
+                               and _same_shapes(variables[c], updated[c])))
+    if mode is None and train_kwarg == AUTO and \
+            _uses(module, variables, example_inputs, (nn.BatchNorm, nn.Dropout)):
+        warnings.warn(
+            f"create_train_state: {type(module).__name__} has BatchNorm or Dropout layers but its "
+            f"__call__ takes none of the mode keywords {TRAIN_KEYWORDS + EVAL_KEYWORDS}, so jnn cannot "
+            f"switch it between training and evaluation: it runs as written in both. Fix: name the "
+            f"keyword, create_train_state(..., train_kwarg='my_flag'), or pass train_kwarg=None if "
+            f"the model sets its mode another way.", stacklevel=3)
+    return LinenModel(module, mode, tuple(sorted(streams)), collections), outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# flax.nnx
+# ----------------------------------------------------------------------------------------------
+
+# The variables that are model state (kept across steps): not parameters, not rng streams (reseeded
+# every step), not sown intermediates.
+_STATE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState, nnx.Intermediate))
+
+
+def _placeholder_key(shape: tuple[int, ...], impl: str) -> jax.Array:
+    key = jax.random.key(0, impl=impl)
+    return jax.random.split(key, shape) if shape else key
+
+
+def _pure(state: nnx.State) -> dict:
+    return nnx.to_pure_dict(state)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NnxModel:
+    """A flax.nnx module as jnn runs it: a graph definition and the structure of its state.
+
+    `params` and `model_state` of the `TrainState` are plain nested dicts of arrays
+    (`nnx.State.to_pure_dict()`); the module is merged from them inside the traced step.
+    """
+
+    graphdef: Any
+    params_def: Any  # treedefs of the nnx.State parts, to rebuild them from the dicts' leaves
+    state_def: Any
+    rng_def: Any
+    rng_leaves: tuple[tuple[tuple[int, ...], str, str | None], ...]  # (shape, dtype, key impl)
+    rng_tags: tuple[str, ...]
+    batch_stats: tuple[bool, ...]  # per model_state leaf
+    sync_batch_norm: bool = True
+
+    kind = "nnx"
+
+    def _key(self):
+        return (self.graphdef, self.params_def, self.state_def, self.rng_def, self.rng_leaves,
+                self.rng_tags, self.batch_stats, self.sync_batch_norm)
+
+    def __eq__(self, other):
+        return isinstance(other, NnxModel) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
+        return {"params": params, "state": model_state}
+
+    def merge(self, params: PyTree, model_state: PyTree, rng: jax.Array | None = None) -> nnx.Module:
+        """The module, rebuilt from `params` and `model_state` (its rng streams reseeded from `rng`)."""
+        placeholders = [_placeholder_key(shape, impl) if impl else jnp.zeros(shape, dtype)
+                        for shape, dtype, impl in self.rng_leaves]
+        module = nnx.merge(self.graphdef, jax.tree.unflatten(self.params_def, jax.tree.leaves(params)),
+                           jax.tree.unflatten(self.state_def, jax.tree.leaves(model_state)),
+                           jax.tree.unflatten(self.rng_def, placeholders))
+        if self.rng_tags:
+            key = jax.random.key(0) if rng is None else rng
+            nnx.reseed(module, policy="match_shape", **stream_keys(key, self.rng_tags))
+        return module
+
+    def __call__(self, variables: PyTree, *args, rngs: jax.Array | None = None):
+        """The module in eval mode on `args`, from `{"params": ..., "state": ...}` (as `state.apply_fn`)."""
+        module = self.merge(variables["params"], variables["state"], rngs)
+        module.eval()
+        return module(*args)
+
+    def apply(self, params: PyTree, model_state: PyTree, inputs: Any, *, train: bool,
+              rng: jax.Array | None = None, axis_name: str | None = None) -> tuple[Any, PyTree]:
+        module = self.merge(params, model_state, rng)
+        module.train() if train else module.eval()
+        for _, sub in nnx.iter_modules(module):
+            if isinstance(sub, nnx.BatchNorm):
+                sub.axis_name = axis_name if self.sync_batch_norm else None
+        outputs = module(*call_args(inputs))
+        new_state = _pure(nnx.state(module, _STATE))
+        if jax.tree.structure(new_state) != jax.tree.structure(model_state):
+            raise ValueError(
+                f"the nnx model created or removed variables while running (state before: "
+                f"{jax.tree.structure(model_state)}, after: {jax.tree.structure(new_state)}). jnn keeps "
+                f"a fixed set of variables between steps. Fix: create every variable in __init__ "
+                f"(sown values, nnx.Intermediate, are dropped).")
+        return outputs, new_state
+
+    def batch_stats_flags(self, model_state: PyTree) -> list[bool]:
+        return list(self.batch_stats)
+
+
+def split_nnx(module: nnx.Module) -> tuple[NnxModel, dict, dict]:
+    """`(model, params, model_state)` of an nnx module; the user's module is not changed."""
+    graphdef, params, state, rngs, rest = nnx.split(module, nnx.Param, _STATE, nnx.RngState, ...)
+    if jax.tree.leaves(rest):  # sown intermediates from an earlier call: drop them from a copy
+        module = nnx.clone(module)
+        nnx.pop(module, nnx.Intermediate)
+        graphdef, params, state, rngs = nnx.split(module, nnx.Param, _STATE, nnx.RngState)
+    pure_params, pure_state = _pure(params), _pure(state)
+    for part, pure in ((params, pure_params), (state, pure_state)):
+        if any(a is not b for a, b in zip(jax.tree.leaves(part), jax.tree.leaves(pure))):
+            raise ValueError("create_train_state: could not map the nnx state to plain arrays "
+                             "(leaf order differs); please report this model to jnn.")
+    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
+    rng_leaves = tuple((tuple(x.shape), str(x.dtype), str(jax.random.key_impl(x)) if is_key(x) else None)
+                       for x in jax.tree.leaves(rngs))
+    variables = lambda s: jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, nnx.Variable))  # noqa: E731
+    tags = sorted({v.tag for v in variables(rngs) if isinstance(v, nnx.RngKey)})
+    flags = tuple(isinstance(v, nnx.BatchStat) for v in variables(state))
+    model = NnxModel(graphdef, jax.tree.structure(params), jax.tree.structure(state), jax.tree.structure(rngs),
+                     rng_leaves, tuple(tags), flags)
+    copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 - a donated step must not free the module's arrays
+    return model, copy(pure_params), copy(pure_state)
+
+
+def is_nnx(module: Any) -> bool:
+    return isinstance(module, nnx.Module)
+
+
+def is_linen(module: Any) -> bool:
+    return isinstance(module, nn.Module)
