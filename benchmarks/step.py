@@ -8,6 +8,7 @@ Candidates, all training the same flax model with Adam(1e-3) on the same synthet
                    jnn.create_train_state, optimizer jnn.make_optimizer(OptimConfig("adam", 1e-3))
   jnn_plain_adam   the same step with tx=optax.adam(1e-3): no `inject_hyperparams` wrapper
   jnn_bare         jnn_plain_adam with make_train_step(loss, metrics=("loss",)): raw's work
+  jnn_skip         `jnn` with on_nonfinite="skip" (fit's default): a NaN/Inf step keeps the state
   raw              hand-written raw JAX + optax: (params, opt_state, batch_stats, rng) tuples
                    (rng only for models with dropout), jax.value_and_grad, optax.adam(1e-3),
                    jit + donate, returns only the loss
@@ -236,6 +237,7 @@ def build_candidates(name: str, batch_size: int, num_classes: int, args) -> dict
     plain_state = jnn.create_train_state(model, optax.adam(LR), example, 0)
     plain_step = jax.jit(jnn.make_train_step(loss_fn), donate_argnums=0)
     bare_step = jax.jit(jnn.make_train_step(loss_fn, metrics=("loss",)), donate_argnums=0)  # raw's work
+    skip_step = jax.jit(jnn.make_train_step(loss_fn, on_nonfinite="skip"), donate_argnums=0)  # fit's default
 
     raw_step, raw_tx = make_raw_step(model, uses_dropout, with_metrics=False)
     raw_m_step, _ = make_raw_step(model, uses_dropout, with_metrics=True)
@@ -252,6 +254,7 @@ def build_candidates(name: str, batch_size: int, num_classes: int, args) -> dict
         "jnn": JaxCandidate(jnn_step, copy(state), device),
         "jnn_plain_adam": JaxCandidate(plain_step, plain_state, device),
         "jnn_bare": JaxCandidate(bare_step, copy(plain_state), device),
+        "jnn_skip": JaxCandidate(skip_step, copy(state), device),
         "raw": JaxCandidate(raw_step, raw_carry(), device),
         "raw_metrics": JaxCandidate(raw_m_step, raw_carry(), device),
         "flax_trainstate": JaxCandidate(make_flax_step(uses_dropout), flax_state, device),
@@ -294,7 +297,7 @@ def bench_workload(name: str, args) -> dict:
         steps[k] = max(3, min(500, round(args.block_seconds / probe)))
     print(f"  set-up + compile {time.perf_counter() - t0:.1f} s; steps per block {steps}", flush=True)
     wall, cpu = common.interleave({k: c.run for k, c in cands.items()}, args.rounds, steps, warmup=1)
-    pairs = [("jnn_bare", "raw"), ("jnn", "raw"), ("jnn", "raw_metrics"), ("raw_metrics", "raw"), ("jnn_plain_adam", "raw_metrics"),
+    pairs = [("jnn_bare", "raw"), ("jnn", "raw"), ("jnn_skip", "jnn"), ("jnn", "raw_metrics"), ("raw_metrics", "raw"), ("jnn_plain_adam", "raw_metrics"),
              ("jnn", "jnn_plain_adam"), ("flax_trainstate", "raw"), ("jnn", "flax_trainstate"),
              ("jnn_host", "raw_host"), ("jnn_host", "jnn"), ("jnn", "torch_eager"),
              ("jnn", "torch_eager_1thread"), ("jnn", "torch_compile_1thread"), ("raw", "torch_eager_1thread")]

@@ -7,7 +7,7 @@ from jnn import config, data, losses, metrics, models, optim, parallel, presets,
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
-from jnn.train.loop import EarlyStopping, FitResult, evaluate, fit, pad_batch
+from jnn.train.loop import EarlyStopping, FitResult, NonFiniteError, evaluate, fit, pad_batch
 from jnn.train.state import (InputSpec, ModelSpec, TrainState, abstract_train_state, create_train_state,
                               to_nnx)
 from jnn.train.step import check_batch, make_eval_step, make_train_step
@@ -24,6 +24,7 @@ __all__ = [
     "FitResult",
     "InputSpec",
     "ModelSpec",
+    "NonFiniteError",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",

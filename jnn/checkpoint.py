@@ -43,6 +43,47 @@ def _arrays(state: TrainState) -> dict[str, Any]:
     }
 
 
+def _target(template: TrainState) -> dict[str, Any]:
+    """What to restore into: the template's shapes, dtypes *and shardings* (shapes only: the
+    template's buffers may be donated). With the shardings, orbax places every array as the
+    template is placed, whatever topology saved it (8 devices -> 1, 1 -> 8, FSDP <-> replicated);
+    `jax.eval_shape` alone drops them, and orbax then insists on the saved layout."""
+    shapes = jax.eval_shape(_arrays, template)
+    sources = {"step": template.step, "params": template.params, "opt_state": template.opt_state,
+               "model_state": template.model_state, "rng": template.rng}
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(shape, source):
+        sharding = getattr(source, "sharding", None) if isinstance(source, jax.Array) else None
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding or default)
+
+    return jax.tree.map(target, shapes, sources)
+
+
+def _mismatches(saved: Any, target: Any) -> list[str]:
+    """`path: saved shape vs expected shape` for every leaf that differs (or exists on one side only)."""
+    def name(key) -> str:  # orbax's metadata turns named tuples into dicts: compare plain names
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    def flat(tree):
+        return {"/".join(name(k) for k in p): tuple(getattr(x, "shape", ()) or ())
+                for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+    saved, target = flat(saved), flat(target)
+    out = []
+    for path in sorted(set(saved) | set(target)):
+        if path not in target:
+            out.append(f"{path}: in the checkpoint {saved[path]}, not in the model/optimizer")
+        elif path not in saved:
+            out.append(f"{path}: in the model/optimizer {target[path]}, not in the checkpoint")
+        elif saved[path] != target[path]:
+            out.append(f"{path}: checkpoint {saved[path]} vs model/optimizer {target[path]}")
+    return out
+
+
 def _with_arrays(template: TrainState, arrays: Mapping[str, Any]) -> TrainState:
     impl = jax.random.key_impl(template.rng)
     return template.replace(
@@ -154,10 +195,19 @@ class Checkpointer:
         if step is not None and step not in self.all_steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available steps: "
                                   f"{self.all_steps()}. Fix: pass one of those, or no step for the newest.")
-        # Shapes and dtypes only (eval_shape): the template's buffers may already be donated.
-        target = jax.eval_shape(_arrays, template)
-        errors = []
+        target = _target(template)
+        errors, mismatched = [], []
         for s in steps:
+            try:
+                saved = self._manager.item_metadata(s)[_STATE]
+            except Exception:  # noqa: BLE001 - unreadable metadata: let restore report it
+                saved = None
+            diff = _mismatches(saved, target) if saved is not None else []
+            if diff:
+                mismatched.append(s)
+                errors.append(f"step {s}: {len(diff)} array(s) differ: {'; '.join(diff[:8])}"
+                              f"{' ...' if len(diff) > 8 else ''}")
+                continue
             try:
                 restored = self._manager.restore(s, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
                 state = _with_arrays(template, restored[_STATE])
@@ -166,10 +216,17 @@ class Checkpointer:
                 log.warning("checkpoint step %s could not be restored (%s); trying an older one", s, err)
                 continue
             return state, self._restore_data(s)
+        if mismatched:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} could be restored into the current model and "
+                f"optimizer: the checkpoints hold a different model or optimizer than the one given "
+                f"(paths under params/ are parameters, under opt_state/ optimizer state): "
+                f"{' | '.join(errors)}. Fix: build the model and optimizer the run was saved with (for "
+                f"`jnn train --resume`, the run's config.json), or restore the parameters alone into "
+                f"the new model.")
         raise CheckpointError(
-            f"no checkpoint in {self.directory} could be restored into the current model and optimizer; "
-            f"expected parameters and optimizer state of the shapes the config builds. Errors: "
-            f"{'; '.join(errors)}. Fix: resume with the config the run was started with.")
+            f"no checkpoint in {self.directory} could be restored: {'; '.join(errors)}. Fix: check "
+            f"that the files are complete (a run killed while saving falls back to an older step).")
 
     def metrics(self, step: int) -> dict | None:
         """The metrics saved with `step`, if any."""

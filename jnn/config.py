@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any, Iterable, Mapping
 
-from jnn.optim import OptimConfig
+from jnn.optim import OptimConfig, check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,21 @@ class DataConfig:
     mixup: float = 0.0
     seq_len: int = 128
 
+    def __post_init__(self):
+        check_fields("DataConfig", self, {
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "eval_batch_size": (self.eval_batch_size >= 1, ">= 1"),
+            "val_fraction": (self.val_fraction is None or 0 < self.val_fraction < 1, "in (0, 1) or None"),
+            "crop_padding": (self.crop_padding >= 0, ">= 0"),
+            "mixup": (self.mixup >= 0, ">= 0"),
+            "seq_len": (self.seq_len >= 1, ">= 1"),
+            "seed": (self.seed >= 0, ">= 0"),
+            "augment": (set(self.augment) <= {"crop", "flip"}, "a subset of ('crop', 'flip')"),
+        })
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -83,6 +98,18 @@ class TrainConfig:
     best_mode: str = "max"
     keep: int = 2
     compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        check_fields("TrainConfig", self, {
+            "steps": (self.steps >= 1, ">= 1"),
+            "eval_every": (self.eval_every >= 1, ">= 1"),
+            "log_every": (self.log_every >= 1, ">= 1"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "patience": (self.patience >= 1, ">= 1"),
+            "best_mode": (self.best_mode in ("max", "min"), "'max' or 'min'"),
+            "keep": (self.keep >= 1, ">= 1"),
+            "compute_dtype": (self.compute_dtype in COMPUTE_DTYPES, f"one of {list(COMPUTE_DTYPES)}"),
+        })
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,7 +61,7 @@ class Experiment:
 
     def __post_init__(self):
         if self.train_step is None:
-            self.train_step = jax.jit(make_train_step(self.loss_fn), donate_argnums=0)
+            self.train_step = jax.jit(make_train_step(self.loss_fn, on_nonfinite="skip"), donate_argnums=0)
         if self.eval_step is None:
             self.eval_step = jax.jit(make_eval_step(self.loss_fn))
 
@@ -165,7 +165,7 @@ def build(config: Config) -> Experiment:
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
     classification = splits.train["labels"].ndim == 1 and splits.num_classes > 1
-    train_step = jax.jit(make_train_step(loss_fn), donate_argnums=0)
+    train_step = jax.jit(make_train_step(loss_fn, on_nonfinite="skip"), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
     state = create_train_state(model, tx, example, config.train.seed)
     return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize),

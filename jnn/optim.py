@@ -68,6 +68,35 @@ class OptimConfig:
     accumulate_steps: int = 1
     frozen: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        check_fields("OptimConfig", self, {
+            "learning_rate": (self.learning_rate > 0, "> 0"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "total_steps": (self.total_steps is None or self.total_steps > 0, "> 0 or None"),
+            "end_learning_rate": (self.end_learning_rate >= 0, ">= 0"),
+            "decay_rate": (self.decay_rate > 0, "> 0"),
+            "decay_steps": (self.decay_steps > 0, "> 0"),
+            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "b1": (0 <= self.b1 < 1, "in [0, 1)"),
+            "b2": (0 <= self.b2 < 1, "in [0, 1)"),
+            "eps": (self.eps >= 0, ">= 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "decay_mask": (self.decay_mask in ("auto", "all"), "'auto' or 'all'"),
+            "clip_norm": (self.clip_norm is None or self.clip_norm > 0, "> 0 or None"),
+            "accumulate_steps": (self.accumulate_steps >= 1, ">= 1"),
+        })
+
+
+def check_fields(where: str, config: Any, rules: dict[str, tuple[bool, str]]) -> None:
+    """Raises a `ValueError` naming the first field whose rule fails: `{field: (ok, expected)}`.
+
+    Every config checks its fields when it is built, before anything runs.
+    """
+    for field, (ok, expected) in rules.items():
+        if not ok:
+            raise ValueError(f"{where}: {field}={getattr(config, field)!r}; expected {field} {expected}. "
+                             f"Fix: choose {field} {expected} (in a config file or with --set).")
+
 
 def _unknown(kind: str, name: str, valid) -> ValueError:
     close = difflib.get_close_matches(name, valid, n=2)

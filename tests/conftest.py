@@ -13,3 +13,10 @@ import jax  # noqa: E402
 
 # Implicit rank promotion hides shape bugs: (B,) + (B, 1) silently becomes (B, B).
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Property-based tests: derandomised (reproducible) and bounded, the same in CI and locally.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

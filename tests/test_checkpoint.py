@@ -109,3 +109,55 @@ def test_missing_and_incompatible_checkpoints_say_so(tmp_path):
         with pytest.raises(CheckpointError, match="could be restored into the current model"):
             ckpt.restore(other)
     assert os.listdir(tmp_path / "ckpt"), "nothing already written is deleted on a failed restore"
+
+
+# ---- restore onto another topology: the restored arrays are placed like the template ----
+
+_LAYOUTS = {"single": None, "jit-8": (8, False), "jit-4": (4, False), "fsdp-8": (8, True), "fsdp-4": (4, True)}
+
+
+def _placed(state, layout):
+    """`state` and a train step for it, in `layout` (one device, or replicated / FSDP over N)."""
+    if _LAYOUTS[layout] is None:
+        return state, jax.jit(jnn.make_train_step(CE))
+    devices, fsdp = _LAYOUTS[layout]
+    step = jnn.parallel.data_parallel(jnn.make_train_step(CE), jnn.parallel.make_mesh(data=devices), fsdp=fsdp)
+    return step.shard_state(state), step
+
+
+def _wide_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"inputs": rng.normal(size=(16, 8)).astype(np.float32), "labels": rng.integers(0, 4, 16).astype(np.int32)}
+
+
+def _wide_state():
+    return jnn.create_train_state(TinyMLP(classes=4, width=16), optax.adam(1e-2), _wide_batch()["inputs"][:1], 0)
+
+
+@pytest.mark.parametrize("saved, restored", [
+    ("jit-8", "single"), ("jit-8", "jit-4"), ("single", "jit-8"), ("fsdp-8", "jit-8"),
+    ("jit-8", "fsdp-8"), ("fsdp-8", "single"), ("fsdp-8", "fsdp-4"), ("single", "fsdp-8")])
+def test_restore_onto_another_topology_is_exact_and_steps_in_place(tmp_path, saved, restored):
+    state, step = _placed(_wide_state(), saved)
+    for i in range(2):
+        state, _ = step(state, _wide_batch(i))
+    want = jnn.parallel.to_host(jnn.checkpoint._arrays(state))
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(state)
+        template, new_step = _placed(_wide_state(), restored)
+        shardings = jax.tree.map(lambda x: x.sharding, jnn.checkpoint._arrays(template))
+        got, _ = ckpt.restore(template)
+    chex.assert_trees_all_equal(jnn.parallel.to_host(jnn.checkpoint._arrays(got)), want)
+    placed = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), jnn.checkpoint._arrays(got), shardings)
+    assert all(jax.tree.leaves(placed)), placed
+    got, metrics = new_step(got, _wide_batch(2))  # no shard_state needed
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_restore_into_a_changed_model_names_each_parameter_path_with_both_shapes(tmp_path):
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(_trained(steps=1, model=TinyMLP(), tx=optax.sgd(0.1)))
+        other = jnn.create_train_state(TinyMLP(width=7), optax.sgd(0.1), _batch()["inputs"][:1], 0)
+        with pytest.raises(CheckpointError, match=r"params/Dense_0/kernel: checkpoint \(5, 16\) "
+                                                  r"vs model/optimizer \(5, 7\)"):
+            ckpt.restore(other)

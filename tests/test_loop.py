@@ -151,3 +151,43 @@ def test_interrupt_saves_a_checkpoint_and_reraises(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             fit(_state(), Interrupting(), num_steps=100, loss_fn=CE, checkpointer=ckpt, progress=False)
         assert ckpt.all_steps() == [7]
+
+
+# ---- bugs of the loop's contract ----
+
+
+def _small_batches(n=3, size=16, seed=0):
+    train, _ = _splits()
+    return [{k: v[i * size:(i + 1) * size] for k, v in train.items()} for i in range(n)]
+
+
+def test_finite_data_that_ends_early_says_how_many_steps_it_had():
+    with pytest.raises(ValueError, match="the training data ended after step 3, before num_steps=5"):
+        fit(_state(), _small_batches(3), num_steps=5, loss_fn=CE, log_every=1)
+
+
+def test_early_stopping_without_eval_data_is_refused():
+    with pytest.raises(ValueError, match="early_stopping watches an evaluation metric, but no eval_data"):
+        fit(_state(), _small_batches(3), num_steps=3, loss_fn=CE, early_stopping=EarlyStopping("accuracy"))
+
+
+def test_a_given_train_step_without_evaluation_needs_no_loss_fn():
+    step = jax.jit(jnn.make_train_step(CE), donate_argnums=0)
+    result = fit(_state(), _small_batches(3), num_steps=3, train_step=step, log_every=1)
+    assert int(result.state.step) == 3
+
+
+@pytest.mark.parametrize("kwargs", [{"num_steps": -5}, {"log_every": 0}, {"eval_every": -1}, {"max_traces": 2}])
+def test_out_of_range_loop_arguments_are_refused(kwargs):
+    with pytest.raises(ValueError, match="fit: "):
+        fit(_state(), _small_batches(3), **{"num_steps": 3, "loss_fn": CE, **kwargs})
+
+
+def test_max_traces_names_the_batch_entry_whose_shape_changed():
+    batches = _small_batches(3)
+    batches[2] = {k: v[:8] for k, v in batches[2].items()}  # a smaller last batch would re-compile
+    with pytest.raises(ValueError, match=r"batch\['inputs'\] at step 2 has \(shape, dtype\) \(\(8, 64\), 'float32'\), "
+                                         r"but the first batch had \(\(16, 64\), 'float32'\)"):
+        fit(_state(), batches, num_steps=3, loss_fn=CE, log_every=1, max_traces=1)
+    result = fit(_state(), _small_batches(3), num_steps=3, loss_fn=CE, log_every=1, max_traces=1)
+    assert int(result.state.step) == 3

@@ -139,6 +139,67 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
     return result
 
 
+class NonFiniteError(RuntimeError):
+    """Training met non-finite steps (NaN or Inf loss or gradients) it was told not to go past."""
+
+
+class NonFiniteGuard:
+    """Counts the steps a "skip"/"raise" train step reported as non-finite (`metrics["nonfinite"]`).
+
+    Attributes:
+      policy: "skip" (stop after `max_consecutive` in a row) or "raise" (stop at the first).
+      total: non-finite steps seen so far.
+      consecutive: the current run of consecutive non-finite steps.
+    """
+
+    def __init__(self, policy: str, max_consecutive: int):
+        if max_consecutive < 1:
+            raise ValueError(f"fit: max_nonfinite={max_consecutive}; expected at least 1.")
+        self.policy, self.max_consecutive = policy, 1 if policy == "raise" else max_consecutive
+        self.total = self.consecutive = 0
+        self._first: tuple[int, Any] | None = None
+
+    def observe(self, steps: list[tuple[int, Any]], flags: list[float]) -> None:
+        """Records `(step, batch position)` pairs and their flags; raises past the limit."""
+        for (step, position), flag in zip(steps, flags):
+            if not flag:
+                self.consecutive, self._first = 0, None
+                continue
+            self.total += 1
+            self.consecutive += 1
+            self._first = self._first or (step, position)
+            if self.consecutive >= self.max_consecutive:
+                first_step, first_position = self._first
+                raise NonFiniteError(
+                    f"fit: step {step} (batch position {position}) had a non-finite loss or gradient: "
+                    f"{self.consecutive} consecutive non-finite step(s) since step {first_step} (batch "
+                    f"position {first_position}), {self.total} in all (on_nonfinite={self.policy!r}, "
+                    f"max_nonfinite={self.max_consecutive}). None of them was applied and nothing "
+                    f"non-finite was saved. Fix: look for NaN/Inf inputs or out-of-range labels at that "
+                    f"position, or lower the learning rate / clip gradients (optim clip_norm).")
+
+
+def _signature(batch: Batch) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(path): (tuple(np.shape(x)), str(np.result_type(x)))
+            for path, x in jax.tree_util.tree_leaves_with_path(batch)}
+
+
+def _check_signature(first: dict | None, batch: Batch, step: int) -> dict:
+    """The first batch's shapes and dtypes; raises when `batch` differs (the step would re-trace)."""
+    got = _signature(batch)
+    if first is None:
+        return got
+    if got != first:
+        changed = [k for k in sorted(set(first) | set(got)) if first.get(k) != got.get(k)]
+        key = changed[0]
+        raise ValueError(
+            f"fit: batch{key} at step {step} has (shape, dtype) {got.get(key, 'missing')}, but the first "
+            f"batch had {first.get(key, 'no such entry')}; the compiled step would re-trace and "
+            f"re-compile (max_traces=1). Changed: {changed}. Fix: make every batch the same shape "
+            f"(drop_remainder=True, or pad with jnn.pad_batch) and dtype.")
+    return first
+
+
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
     fetched = jax.device_get(pending)
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -169,6 +230,9 @@ def fit(
     data_state: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     stop_at: int | None = None,
+    on_nonfinite: str = "skip",
+    max_nonfinite: int = 10,
+    max_traces: int | None = None,
 ) -> FitResult:
     """Trains `state` until `num_steps` (counting from step 0), evaluating and checkpointing.
 
@@ -204,15 +268,31 @@ def fit(
         again from that checkpoint (with its `data_state`) then evaluates, stops early and ends
         with the state of an uninterrupted run, bit for bit; only the train-metric record logged
         at `stop_at` is extra.
+      on_nonfinite: the built step's policy for a step with a NaN/Inf loss or gradient (see
+        `make_train_step`): "skip" (default: the state is kept, training goes on, and stops with a
+        `NonFiniteError` after `max_nonfinite` consecutive ones), "raise" (stops at the first;
+        fetches a flag every step) or "apply". A given `train_step` is checked when its metrics
+        have "nonfinite".
+      max_nonfinite: consecutive non-finite steps "skip" tolerates.
+      max_traces: 1 to fail loudly when a batch's shapes or dtypes differ from the first batch's
+        (the compiled step would re-trace and re-compile), naming the entry that changed.
 
     Returns:
       A `FitResult` with the final state, the history of logged records, the best evaluation and
       whether early stopping ended the run.
     """
-    if train_step is None or eval_step is None:
-        if loss_fn is None:
-            raise ValueError("fit: pass loss_fn, or both train_step and eval_step.")
-    train_step = train_step or jax.jit(make_train_step(loss_fn), donate_argnums=0)
+    if loss_fn is None and (train_step is None or (eval_data is not None and eval_step is None)):
+        raise ValueError("fit: pass loss_fn, or train_step (and eval_step when there is eval_data).")
+    if max_traces is not None and max_traces != 1:
+        raise ValueError(f"fit: max_traces={max_traces}; expected None or 1 (one compiled step).")
+    if num_steps < 0 or log_every < 1 or (eval_every is not None and eval_every < 1):
+        raise ValueError(f"fit: expected num_steps >= 0, log_every >= 1 and eval_every >= 1 (or None); got "
+                         f"num_steps={num_steps}, log_every={log_every}, eval_every={eval_every}.")
+    if early_stopping is not None and eval_data is None:
+        raise ValueError("fit: early_stopping watches an evaluation metric, but no eval_data was given. "
+                         "Fix: pass eval_data= (e.g. a validation Pipeline), or drop early_stopping.")
+    guard = NonFiniteGuard(on_nonfinite, max_nonfinite) if on_nonfinite != "apply" else None
+    train_step = train_step or jax.jit(make_train_step(loss_fn, on_nonfinite=on_nonfinite), donate_argnums=0)
     if eval_data is not None and eval_step is None:
         eval_step = jax.jit(make_eval_step(loss_fn))
     eval_every = eval_every or max(num_steps // 10, 1)
@@ -240,7 +320,10 @@ def fit(
         stopped_early = early_stopping.wait >= early_stopping.patience  # it had stopped already
     step = int(jax.device_get(state.step))
     pending: list[dict] = []
+    pending_steps: list[tuple[int, Any]] = []  # (step, batch position) of each pending metric
     batch_size = None
+    signature = None
+    observed = 0  # pending metrics whose non-finite flag the guard has seen
     last_log_time, last_log_step = time.perf_counter(), step
 
     def log(split: str, values: Mapping[str, float]):
@@ -289,18 +372,36 @@ def fit(
     bar = _progress(progress, num_steps, step)
     try:
         while step < end and not stopped_early:
-            batch = next(iterator)
+            position = synced.get("next_index", synced) if isinstance(synced, Mapping) else step
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                raise ValueError(
+                    f"fit: the training data ended after step {step}, before num_steps={num_steps}. Fix: "
+                    f"pass data that repeats (e.g. jnn.data.Pipeline(..., num_epochs=None)) or num_steps="
+                    f"{step}.") from None
             if batch_size is None:  # host-side check of the first batch, with label values
                 check_batch(state, batch, where="fit")
                 batch_size = len(jax.tree.leaves(batch["labels"])[0])
+            if max_traces is not None:
+                signature = _check_signature(signature, batch, step)
             state, metrics = train_step(state, batch)
             step += 1
             if synced is not None:
                 synced = iterator.get_state()
             pending.append(metrics)
+            pending_steps.append((step - 1, position))
             bar.update(1)
+            if guard is not None and "nonfinite" in metrics and \
+                    (guard.policy == "raise" or step % log_every == 0 or step == end):
+                flags = [float(f) for f in jax.device_get([m["nonfinite"] for m in pending[observed:]])]
+                guard.observe(pending_steps[observed:], flags)
+                observed = len(pending)
             if step % log_every == 0 or step == end:
+                pending_steps, observed = [], 0
                 values = _mean_metrics(pending)
+                if "nonfinite" in values:  # the count of skipped steps so far, not an average
+                    values["nonfinite"] = float(guard.total if guard is not None else values["nonfinite"])
                 now = time.perf_counter()
                 values["examples_per_sec"] = (step - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step, pending = now, step, []

@@ -94,7 +94,24 @@ def check_batch(state: TrainState, batch: Batch, *, where: str = "train_step") -
                 f"{where}: batch['mask'] has shape {mask_shape}; expected a prefix of the labels' "
                 f"shape {lab_shape}, e.g. ({lab_shape[0]},). Fix: one weight per example."
             )
+    if lab_shape[0] == 0:
+        raise ValueError(f"{where}: the batch is empty (batch['labels'] has shape {lab_shape}); a step "
+                         f"needs at least one example. Fix: skip empty batches.")
     lab_dtype = jnp.result_type(labels)
+    if spec is not None and spec.output_kind == "array" and len(spec.output_shape) >= 1 \
+            and spec.output_shape[-1] > 1 and lab_shape[1:] != spec.output_shape:
+        want_ids = ("B",) + spec.output_shape[:-1]
+        if len(lab_shape) == len(want_ids) + 1 and lab_shape[-1] == 1 and lab_shape[1:-1] == spec.output_shape[:-1]:
+            raise ValueError(
+                f"{where}: batch['labels'] has shape {lab_shape}; the model outputs "
+                f"{_fmt(('B',) + spec.output_shape)} class scores, so class-id labels have shape "
+                f"{_fmt(want_ids)}. Fix: labels.reshape({', '.join(['-1'] + [str(d) for d in want_ids[1:]])}).")
+        if jnp.issubdtype(lab_dtype, jnp.floating) and len(lab_shape) == len(want_ids):
+            raise ValueError(
+                f"{where}: batch['labels'] has dtype {lab_dtype} and shape {lab_shape}; the model outputs "
+                f"{spec.output_shape[-1]} class scores per example, so labels are integer class ids "
+                f"{_fmt(want_ids)} or one-hot / probability vectors {_fmt(('B',) + spec.output_shape)}. "
+                f"Fix: labels.astype('int32').")
     if _is_classification(spec, lab_shape, lab_dtype):
         num_classes = spec.output_shape[-1]
         if lab_shape[1:] != spec.output_shape[:-1]:
@@ -238,7 +255,45 @@ def _weighted_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array,
     if mask is None:
         return values.sum(), jnp.asarray(values.size, values.dtype)
     weights = losses_lib.mask_weights(mask, values)
-    return (values * weights).sum(), weights.sum()
+    # A select, not a product: 0 * NaN is NaN, and a padded example must not count at all.
+    return jnp.where(weights > 0, values * weights, 0).sum(), weights.sum()
+
+
+def _invalid_labels_to_nan(losses: jax.Array, outputs: Any, labels: Any) -> jax.Array:
+    """NaN where a class-id label is out of range: optax's integer-label cross-entropy reads label -1
+    as the last class, a silently wrong loss; NaN is caught by the non-finite policy."""
+    if not isinstance(outputs, jax.Array) or not isinstance(labels, (jax.Array, np.ndarray)) \
+            or not jnp.issubdtype(labels.dtype, jnp.integer) or labels.ndim != outputs.ndim - 1:
+        return losses
+    valid = (labels >= 0) & (labels < outputs.shape[-1])  # (B, ...)
+    if losses.shape != valid.shape:
+        valid = jnp.all(valid) if losses.ndim == 0 else \
+            jnp.all(valid.reshape(valid.shape[0], -1), axis=-1).reshape((-1,) + (1,) * (losses.ndim - 1))
+    return jnp.where(valid, losses, jnp.nan)
+
+
+def _without_padding(tree: Any, mask: jax.Array | None) -> Any:
+    """Zeroes the float values of padded examples (mask 0), so a NaN there cannot reach a gradient
+    (a zero weight on its loss does not stop a NaN: 0 * NaN = NaN in the backward pass)."""
+    if mask is None:
+        return tree
+    keep = jnp.any(jnp.reshape(mask, (jnp.shape(mask)[0], -1)) > 0, axis=-1)  # (B,)
+
+    def select(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating) or jnp.ndim(x) < 1:
+            return x
+        return jnp.where(keep.reshape((-1,) + (1,) * (jnp.ndim(x) - 1)), x, jnp.zeros((), jnp.result_type(x)))
+
+    return jax.tree.map(select, tree)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+NONFINITE_POLICIES = ("apply", "skip", "raise")
 
 
 def _accuracy_counts(outputs, labels, mask) -> tuple[jax.Array, jax.Array] | None:
@@ -302,6 +357,7 @@ def make_train_step(
     axis_name: str | None = None,
     metrics: Collection[str] = TRAIN_METRICS,
     validate: bool = True,
+    on_nonfinite: str = "apply",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns a pure `train_step(state, batch) -> (new_state, metrics)`.
 
@@ -323,12 +379,19 @@ def make_train_step(
         the gradient norm is one more pass over every gradient, 8-16% of a small MLP's step on 8
         fake CPU devices (`benchmarks/parallel.py`); `metrics=("loss",)` is the bare step.
       validate: check the batch against the model before tracing (see `check_batch`).
+      on_nonfinite: what a step whose loss, gradients or model state are not finite (NaN or Inf)
+        does. "apply": nothing special (the bare step). "skip" and "raise": the step leaves
+        params, opt_state and model_state bitwise unchanged (a select on the whole state; `step`
+        still advances, as the data did) and reports `nonfinite` = 1.0 in its metrics; `jnn.fit`
+        counts those, stopping after `max_nonfinite` consecutive ones ("skip") or at the first
+        ("raise") with an error naming the step and the batch position.
 
     Returns:
-      `train_step`, whose metrics are scalars named as in `metrics`.
+      `train_step`, whose metrics are scalars named as in `metrics` (plus "nonfinite" when
+      `on_nonfinite` is "skip" or "raise").
 
     Raises:
-      ValueError: an unknown metric name.
+      ValueError: an unknown metric name or non-finite policy.
     """
     loss_fn = resolve_loss(loss_fn)
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
@@ -337,18 +400,23 @@ def make_train_step(
         raise ValueError(f"make_train_step: unknown metric(s) {unknown}; expected a collection of "
                          f"{list(TRAIN_METRICS)}. Fix: e.g. metrics=('loss', 'accuracy').")
     want = frozenset(metrics)
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"make_train_step: on_nonfinite={on_nonfinite!r}; expected one of "
+                         f"{list(NONFINITE_POLICIES)}.")
 
     def train_step(state: TrainState, batch: Batch):
         if validate:
             check_batch(state, batch, where="train_step")
         inputs, labels, mask = batch["inputs"], batch["labels"], batch.get("mask")
+        inputs, labels = _without_padding((inputs, labels), mask)
         rng = step_rng(state, axis_name)
         devices = 1 if axis_name is None else lax.axis_size(axis_name)
 
         def compute_loss(params):
             outputs, new_model_state = state.model.apply(params, state.model_state, inputs, train=True,
                                                          rng=rng, axis_name=axis_name)
-            loss_sum, weight = _weighted_sum(jnp.asarray(loss_fn(outputs, labels, batch)), mask)
+            losses = _invalid_labels_to_nan(jnp.asarray(loss_fn(outputs, labels, batch)), outputs, labels)
+            loss_sum, weight = _weighted_sum(losses, mask)
             if mask is None:  # the global weight is static: the mean's 1/N folds into the backward pass
                 loss_sum = loss_sum / (weight * devices)
             return loss_sum, (outputs, new_model_state, lax.stop_gradient(weight))
@@ -370,6 +438,13 @@ def make_train_step(
         new_state = state.apply_gradients(grads, model_state=new_model_state, value=loss)
 
         out = {"loss": loss}
+        if on_nonfinite != "apply":  # keep the old state, bitwise, when anything is not finite
+            finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_model_state)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_state = new_state.replace(params=keep(new_state.params, state.params),
+                                          opt_state=keep(new_state.opt_state, state.opt_state),
+                                          model_state=keep(new_state.model_state, state.model_state))
+            out["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         if "grad_norm" in want:
             out["grad_norm"] = optax.tree.norm(grads)
         if counts is not None:
@@ -381,6 +456,7 @@ def make_train_step(
         return new_state, out
 
     train_step.axis_name = axis_name  # lets jnn.parallel refuse a step built for another axis
+    train_step.on_nonfinite = on_nonfinite
     return train_step
 
 
@@ -417,7 +493,7 @@ def make_eval_step(
         inputs, labels, mask = batch["inputs"], batch["labels"], batch.get("mask")
         outputs, _ = state.model.apply(state.params, state.model_state, inputs, train=False,
                                        rng=step_rng(state, axis_name), axis_name=axis_name)
-        losses = jnp.asarray(loss_fn(outputs, labels, batch))
+        losses = _invalid_labels_to_nan(jnp.asarray(loss_fn(outputs, labels, batch)), outputs, labels)
         out: dict[str, Any] = {"loss": metrics_lib.Average(*_weighted_sum(losses, mask))}
         counts = _accuracy_counts(outputs, labels, mask)
         if counts is not None:
