@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in models.names():
                 print(f"{name:28s} {models.spec(name).description}")
             return 0
-    except (ValueError, OSError) as err:  # user errors (bad input, files, permissions): one line
+    except (ValueError, OSError) as err:  # user errors (bad input, files, NaN data): one line
         print(f"jnn {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 1

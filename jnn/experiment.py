@@ -271,6 +271,10 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             for record in result.history:
                 if record["split"] == "eval":
                     _say(out, _line(record))
+            skipped = max((r.get("nonfinite", 0.0) for r in result.history if r["split"] == "train"), default=0.0)
+            if skipped:
+                _say(out, f"skipped {int(skipped)} step(s) with a non-finite loss or gradient (NaN/Inf in the "
+                          f"data, or a diverging run); none of them was applied")
             if int(result.state.step) < t.steps and not result.stopped_early:  # --stop-at: preempted
                 _say(out, f"stopped at step {int(result.state.step)} of {t.steps}; continue with "
                           f"`jnn train --resume {run_dir}`")

@@ -145,3 +145,24 @@ def test_fit_raise_stops_at_the_first_nonfinite_step():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
         jnn.make_train_step("cross_entropy", on_nonfinite="ignore")
+
+
+def test_jnn_train_on_data_with_a_nan_example_skips_it_and_saves_finite_checkpoints(tmp_path, capsys):
+    from jnn import cli, experiment
+
+    digits = jnn.data.load("digits")
+    inputs = digits.train["inputs"].copy()
+    inputs[7, 3, 3, 0] = np.nan
+    path = tmp_path / "data.npz"
+    np.savez(path, inputs=inputs, labels=digits.train["labels"],
+             inputs_test=digits.test["inputs"], labels_test=digits.test["labels"])
+    run = tmp_path / "run"
+    code = cli.main(["train", "--debug", "--run-dir", str(run), "--set", f"data.name=npz:{path}",
+                     "--set", "train.steps=40", "--set", "train.log_every=10", "--set", "data.batch_size=256"])
+    out = capsys.readouterr().out
+    assert code == 0 and "skipped" in out and "non-finite" in out
+    config = experiment.read_config(str(run))
+    with jnn.Checkpointer(run / "checkpoints") as ckpt:
+        for step in ckpt.all_steps():
+            state, _ = ckpt.restore(experiment.build(config).state, step=step)
+            assert all(np.isfinite(x).all() for x in jax.tree.leaves(_arrays(state)))

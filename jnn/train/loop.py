@@ -139,8 +139,9 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
     return result
 
 
-class NonFiniteError(RuntimeError):
-    """Training met non-finite steps (NaN or Inf loss or gradients) it was told not to go past."""
+class NonFiniteError(ValueError):
+    """Training met non-finite steps (NaN or Inf loss or gradients) it was told not to go past
+    (a ValueError: the usual cause is bad data, and the `jnn` command reports it in one line)."""
 
 
 class NonFiniteGuard:

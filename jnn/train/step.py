@@ -436,17 +436,19 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
             loss = loss * scale
         new_state = state.apply_gradients(grads, model_state=new_model_state, value=loss)
-
         out = {"loss": loss}
+        norm = optax.tree.norm(grads) if "grad_norm" in want or on_nonfinite != "apply" else None
         if on_nonfinite != "apply":  # keep the old state, bitwise, when anything is not finite
-            finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_model_state)
+            # The gradient's global norm is finite exactly when every gradient is (short of a norm
+            # that overflows float32, |g| ~ 1e19, which counts as non-finite too).
+            finite = jnp.isfinite(loss) & jnp.isfinite(norm) & _all_finite(new_model_state)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             new_state = new_state.replace(params=keep(new_state.params, state.params),
                                           opt_state=keep(new_state.opt_state, state.opt_state),
                                           model_state=keep(new_state.model_state, state.model_state))
             out["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         if "grad_norm" in want:
-            out["grad_norm"] = optax.tree.norm(grads)
+            out["grad_norm"] = norm
         if counts is not None:
             correct, count = counts
             out["accuracy"] = correct / jnp.maximum(count, 1.0)
