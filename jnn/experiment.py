@@ -179,6 +179,21 @@ def _say(out, text: str) -> None:
     print(text, file=out or sys.stdout, flush=True)  # sys.stdout looked up now, not at import
 
 
+def check_metric_names(exp: Experiment) -> None:
+    """Refuses a best-checkpoint or early-stopping metric the evaluation does not compute, before
+    anything trains or is written (found from the eval step's output, on shapes only)."""
+    t = exp.config.train
+    n = min(len(exp.splits.train["labels"]), exp.config.data.eval_batch_size)
+    batch = {**jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype), exp.splits.train),
+             "mask": jax.ShapeDtypeStruct((n,), jnp.float32)}
+    names = sorted(k for k, v in jax.eval_shape(exp.eval_step, exp.state, batch).items()
+                   if k != "confusion")
+    for key, metric in (("train.best_metric", t.best_metric), ("train.early_stopping", t.early_stopping)):
+        if metric and metric not in names:
+            raise ValueError(f"{key}={metric!r} is not an evaluation metric of this run; expected one of "
+                             f"{names}. Fix: --set {key}={'accuracy' if 'accuracy' in names else names[0]}.")
+
+
 def _has_checkpoints(run_dir: str) -> bool:
     ckpt = os.path.join(run_dir, CHECKPOINTS)
     return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
@@ -238,6 +253,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
 
     threading.Thread(target=_import_writers, daemon=True).start()  # overlaps the compilation below
     exp = build(config)  # any data or model error is raised here, before anything is written
+    check_metric_names(exp)
     os.makedirs(run_dir, exist_ok=True)
     if not resume:
         with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as f:

@@ -111,3 +111,14 @@ def test_the_command_refuses_bad_config_before_training(tmp_path, capsys, name):
     run = tmp_path / "run"
     assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", name]) == 2
     assert "expected" in capsys.readouterr().err and not (run / "checkpoints").exists()
+
+
+def test_a_bad_metric_name_is_refused_before_the_run_directory_is_written(tmp_path, capsys):
+    from jnn import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.best_metric=acc"]) == 2
+    err = capsys.readouterr().err
+    assert "train.best_metric='acc' is not an evaluation metric" in err and "['accuracy', 'loss']" in err
+    assert not run.exists()  # nothing to get stuck on: the same directory starts a good run
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=4"]) == 0
