@@ -70,6 +70,12 @@ def mean_squared_error(predictions: Array, targets: Array) -> Array:
     return optax.squared_error(predictions, jnp.asarray(targets, predictions.dtype))
 
 
+def mask_fits(mask_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """The mask rule, in one place: a mask weighs the leading axes of `shape`; each of its axes is
+    that axis's size or 1 (so a (B, 1) mask broadcasts over (B, T) labels or losses)."""
+    return len(mask_shape) <= len(shape) and all(m in (1, v) for m, v in zip(mask_shape, shape))
+
+
 def mask_weights(mask: Array, values: Array) -> Array:
     """`mask` over the leading axes of `values` (e.g. (B,) for (B, T) losses), broadcast to its shape.
 
@@ -78,7 +84,7 @@ def mask_weights(mask: Array, values: Array) -> Array:
         (checked on shapes, so under `jit` it is raised while tracing).
     """
     mask = jnp.asarray(mask, values.dtype)
-    if mask.ndim > values.ndim or any(m not in (1, v) for m, v in zip(mask.shape, values.shape)):
+    if not mask_fits(mask.shape, values.shape):
         raise ValueError(
             f"the batch's 'mask' has shape {mask.shape}, but the loss function returned losses of shape "
             f"{values.shape}; a mask weighs the leading axes of the losses, so its shape must be a prefix "
@@ -93,7 +99,8 @@ def masked_mean(losses: Array, mask: Array | None = None) -> Array:
     if mask is None:
         return losses.mean()
     weights = mask_weights(mask, losses)
-    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1e-12)
+    total = jnp.where(weights > 0, losses * weights, 0).sum()  # a select: 0 * NaN would be NaN
+    return total / jnp.maximum(weights.sum(), 1e-12)
 
 
 def elbo_loss(outputs: Any, labels: Array) -> Array:

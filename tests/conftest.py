@@ -17,6 +17,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Property-based tests: derandomised (reproducible) and bounded, the same in CI and locally.
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None,
+settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

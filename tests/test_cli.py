@@ -1,6 +1,7 @@
 """The `jnn` command end to end: train, resume bit for bit, eval, info, and every user error."""
 import json
 import os
+import shutil
 
 import chex
 import jax
@@ -117,11 +118,14 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
 def test_failed_first_attempt_can_be_started_again(tmp_path, capsys):
     run = tmp_path / "run"
     code, _, err = _run(["train", "--debug", "--run-dir", str(run), "--set", "train.loss=mse"], capsys)
-    assert code == 2  # mse on integer class labels vs (B, 10) logits: fails before the first checkpoint
-    assert (run / "config.json").exists() and not (run / "checkpoints").exists() or \
-        not any(p.name.isdigit() for p in (run / "checkpoints").iterdir())
-    code, _, err = _run(["train", "--debug", "--run-dir", str(run), "--set", "train.loss=mse"], capsys)
+    assert code == 2  # mse on integer class labels vs (B, 10) logits: refused before anything is written
+    assert not (run / "checkpoints").exists()
+    # An attempt that died before its first checkpoint leaves only config.json.
+    assert _run(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=2"], capsys)[0] == 0
+    shutil.rmtree(run / "checkpoints")
+    code, _, err = _run(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=2"], capsys)
     assert "already holds a run" not in err  # the same config may start again
+    shutil.rmtree(run / "checkpoints")
     code, _, err = _run(["train", "--debug", "--run-dir", str(run)], capsys)
     assert code == 2 and "already holds a run" in err  # a different config may not
 

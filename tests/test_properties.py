@@ -17,9 +17,10 @@ finite = st.floats(-20, 20, allow_nan=False, width=32)
 
 
 @st.composite
-def logits_and_labels(draw, max_classes=8, max_batch=12):
-    classes = draw(st.integers(2, max_classes))
-    batch = draw(st.integers(1, max_batch))
+def logits_and_labels(draw):
+    # Two sizes each: every new shape compiles the ops again, and values are what vary here.
+    classes = draw(st.sampled_from([2, 7]))
+    batch = draw(st.sampled_from([1, 9]))
     logits = draw(arrays(np.float32, (batch, classes), elements=finite))
     labels = draw(arrays(np.int32, (batch,), elements=st.integers(0, classes - 1)))
     return logits, labels

@@ -351,3 +351,16 @@ def test_mask_with_more_axes_than_the_losses_is_rejected_while_tracing():
         jnn.losses.masked_mean(np.ones((8,)), np.ones((8, 4)))
     losses = np.arange(8.0).reshape(4, 2)
     np.testing.assert_allclose(jnn.losses.masked_mean(losses, np.array([[1.0], [0.0], [1.0], [0.0]])), 2.5)  # (B, 1)
+
+
+def test_the_mask_rule_is_one_rule_for_check_batch_and_the_losses():
+    # A (B, 1) mask with (B, T) labels broadcasts in the losses, so check_batch accepts it too.
+    state = jnn.abstract_train_state(jnn.models.get("gpt_char", vocab_size=5, block_size=4, num_layers=1,
+                                                    num_heads=1, embed_dim=8), optax.sgd(0.1),
+                                     np.zeros((1, 4), np.int32), 0)
+    batch = {"inputs": np.zeros((3, 4), np.int32), "labels": np.zeros((3, 4), np.int32)}
+    jnn.check_batch(state, {**batch, "mask": np.ones((3, 1), np.float32)})
+    jnn.check_batch(state, {**batch, "mask": np.ones((3, 4), np.float32)})
+    for bad in (np.ones((3, 2), np.float32), np.ones((1, 4), np.float32), np.ones((3, 4, 2), np.float32)):
+        with pytest.raises(ValueError, match=r"batch\['mask'\] has shape"):
+            jnn.check_batch(state, {**batch, "mask": bad})

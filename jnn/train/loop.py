@@ -26,11 +26,16 @@ _EARLY_STOPPING = "early_stopping"  # the key of the early-stopping counters in 
 class EarlyStopping:
     """Stops when `metric` has not improved by `min_delta` for `patience` evaluations.
 
+    It saves and restores its own counters (`state_dict` / `load_state_dict`, as flax's
+    `training.early_stopping` does), so a resumed run keeps its best value and patience.
+
     Attributes:
       metric: an evaluation metric name, e.g. "accuracy" or "loss".
       mode: "max" if larger is better, "min" otherwise.
       patience: evaluations without improvement before stopping.
       min_delta: the smallest change that counts as an improvement.
+      best, best_step, best_record: the best value, its step and its whole evaluation record.
+      wait: evaluations since the best one.
     """
 
     metric: str = "accuracy"
@@ -40,10 +45,15 @@ class EarlyStopping:
     best: float | None = None
     best_step: int | None = None
     wait: int = 0
+    best_record: dict | None = None
 
     def __post_init__(self):
         if self.mode not in ("max", "min"):
             raise ValueError(f"EarlyStopping.mode must be 'max' or 'min'; got {self.mode!r}.")
+
+    @property
+    def should_stop(self) -> bool:
+        return self.wait >= self.patience
 
     def improved(self, value: float) -> bool:
         if self.best is None or math.isnan(self.best):
@@ -60,9 +70,30 @@ class EarlyStopping:
         value = float(metrics[self.metric])
         if self.improved(value):
             self.best, self.best_step, self.wait = value, step, 0
+            self.best_record = {"step": step, **metrics}
             return False
         self.wait += 1
-        return self.wait >= self.patience
+        return self.should_stop
+
+    def state_dict(self) -> dict:
+        """The counters, JSON-serialisable (saved with each checkpoint's data state)."""
+        return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_step": self.best_step,
+                "wait": self.wait, "best_record": self.best_record}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restores counters saved by `state_dict`.
+
+        Raises:
+          ValueError: they were saved for another metric or mode.
+        """
+        if (saved.get("metric"), saved.get("mode")) != (self.metric, self.mode):
+            raise ValueError(
+                f"fit: the checkpoint's early-stopping counters are for metric {saved.get('metric')!r} "
+                f"({saved.get('mode')}), but early_stopping watches {self.metric!r} ({self.mode}). Fix: resume "
+                f"with the same EarlyStopping, or drop 'early_stopping' from data_state to start its "
+                f"patience anew.")
+        self.best, self.best_step, self.wait = saved["best"], saved["best_step"], saved["wait"]
+        self.best_record = saved.get("best_record")
 
 
 @dataclasses.dataclass
@@ -282,140 +313,43 @@ def fit(
       A `FitResult` with the final state, the history of logged records, the best evaluation and
       whether early stopping ended the run.
     """
-    if loss_fn is None and (train_step is None or (eval_data is not None and eval_step is None)):
-        raise ValueError("fit: pass loss_fn, or train_step (and eval_step when there is eval_data).")
-    if max_traces is not None and max_traces != 1:
-        raise ValueError(f"fit: max_traces={max_traces}; expected None or 1 (one compiled step).")
-    if num_steps < 0 or log_every < 1 or (eval_every is not None and eval_every < 1):
-        raise ValueError(f"fit: expected num_steps >= 0, log_every >= 1 and eval_every >= 1 (or None); got "
-                         f"num_steps={num_steps}, log_every={log_every}, eval_every={eval_every}.")
-    if early_stopping is not None and eval_data is None:
-        raise ValueError("fit: early_stopping watches an evaluation metric, but no eval_data was given. "
-                         "Fix: pass eval_data= (e.g. a validation Pipeline), or drop early_stopping.")
-    guard = NonFiniteGuard(on_nonfinite, max_nonfinite) if on_nonfinite != "apply" else None
+    _check_fit_arguments(num_steps, log_every, eval_every, max_traces, loss_fn, train_step, eval_step,
+                         eval_data, early_stopping)
     train_step = train_step or jax.jit(make_train_step(loss_fn, on_nonfinite=on_nonfinite), donate_argnums=0)
     if eval_data is not None and eval_step is None:
         eval_step = jax.jit(make_eval_step(loss_fn))
     eval_every = eval_every or max(num_steps // 10, 1)
-    iterator: Iterator[Batch] = train_data if hasattr(train_data, "__next__") else iter(train_data)
-    data_state = dict(data_state or {})
-    stopping_state = data_state.pop(_EARLY_STOPPING, None)
-    if data_state:
-        if not hasattr(iterator, "set_state"):
-            raise ValueError("fit: data_state was given but the train data iterator has no set_state().")
-        iterator.set_state(data_state)
-
-    history: list[dict] = []
-    best: dict | None = None
-    stopped_early = False
-    if stopping_state is not None and early_stopping is not None:  # a resumed run keeps its patience
-        saved = (stopping_state.get("metric"), stopping_state.get("mode"))
-        if saved != (early_stopping.metric, early_stopping.mode):
-            raise ValueError(
-                f"fit: the checkpoint's early-stopping counters are for metric {saved[0]!r} ({saved[1]}), but "
-                f"early_stopping watches {early_stopping.metric!r} ({early_stopping.mode}). Fix: resume with the "
-                f"same EarlyStopping, or drop 'early_stopping' from data_state to start its patience anew.")
-        early_stopping.best, early_stopping.best_step, early_stopping.wait = (
-            stopping_state["best"], stopping_state["best_step"], stopping_state["wait"])
-        best = stopping_state.get("best_record")  # the whole evaluation record of the best step
-        stopped_early = early_stopping.wait >= early_stopping.patience  # it had stopped already
+    data = _TrainData(train_data, data_state, early_stopping, max_traces)
     step = int(jax.device_get(state.step))
-    pending: list[dict] = []
-    pending_steps: list[tuple[int, Any]] = []  # (step, batch position) of each pending metric
-    batch_size = None
-    signature = None
-    observed = 0  # pending metrics whose non-finite flag the guard has seen
-    last_log_time, last_log_step = time.perf_counter(), step
-
-    def log(split: str, values: Mapping[str, float]):
-        record = {"step": step, "split": split, **values}
-        history.append(record)
-        if writer is not None:
-            writer.write(step, values, split)
-
-    def run_eval() -> dict[str, float] | None:
-        nonlocal best, stopped_early
-        if eval_data is None:
-            return None
-        data = eval_data() if callable(eval_data) else eval_data
-        values = {k: v for k, v in evaluate(state, data, eval_step).items()
-                  if not isinstance(v, Mapping) and np.ndim(v) == 0}
-        log("eval", values)
-        if early_stopping is not None:
-            stopped_early = early_stopping.update(step, values)
-            if early_stopping.best_step == step:
-                best = {"step": step, **values}
-        elif best is None or step >= best["step"]:
-            best = {"step": step, **values}
-        return values
-
-    # A state restored from a checkpoint of this step is saved already (orbax refuses a second save).
+    log = _Log(writer, log_every, step,
+               NonFiniteGuard(on_nonfinite, max_nonfinite) if on_nonfinite != "apply" else None)
     last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
-    synced = iterator.get_state() if hasattr(iterator, "get_state") else None  # position matching `state`
 
-    def loop_state() -> dict | None:
-        """What a resumed `fit` needs besides the train state: data position, early-stopping counters."""
-        out = dict(synced or {})
-        if early_stopping is not None:
-            out[_EARLY_STOPPING] = {
-                "metric": early_stopping.metric, "mode": early_stopping.mode, "best": early_stopping.best,
-                "best_step": early_stopping.best_step, "wait": early_stopping.wait, "best_record": best}
-        return out or None
-
-    def save(values: Mapping[str, float] | None):
+    def save(values: Mapping[str, float] | None):  # at most once per step (orbax refuses a second)
         nonlocal last_saved
-        if checkpointer is None or last_saved == step:
-            return
-        checkpointer.save(state, data_state=loop_state(), metrics=values)
-        last_saved = step
+        if checkpointer is not None and last_saved != step:
+            checkpointer.save(state, data_state=data.loop_state(early_stopping), metrics=values)
+            last_saved = step
 
     end = num_steps if stop_at is None else min(stop_at, num_steps)
+    stopped_early = early_stopping is not None and early_stopping.should_stop  # it had stopped already
     bar = _progress(progress, num_steps, step)
     try:
         while step < end and not stopped_early:
-            position = synced.get("next_index", synced) if isinstance(synced, Mapping) else step
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                raise ValueError(
-                    f"fit: the training data ended after step {step}, before num_steps={num_steps}. Fix: "
-                    f"pass data that repeats (e.g. jnn.data.Pipeline(..., num_epochs=None)) or num_steps="
-                    f"{step}.") from None
-            if batch_size is None:  # host-side check of the first batch, with label values
-                check_batch(state, batch, where="fit")
-                batch_size = len(jax.tree.leaves(batch["labels"])[0])
-            if max_traces is not None:
-                signature = _check_signature(signature, batch, step)
+            position, batch = data.next(state, step, num_steps)
             state, metrics = train_step(state, batch)
             step += 1
-            if synced is not None:
-                synced = iterator.get_state()
-            pending.append(metrics)
-            pending_steps.append((step - 1, position))
-            bar.update(1)
-            if guard is not None and "nonfinite" in metrics and \
-                    (guard.policy == "raise" or step % log_every == 0 or step == end):
-                flags = [float(f) for f in jax.device_get([m["nonfinite"] for m in pending[observed:]])]
-                guard.observe(pending_steps[observed:], flags)
-                observed = len(pending)
-            if step % log_every == 0 or step == end:
-                pending_steps, observed = [], 0
-                values = _mean_metrics(pending)
-                if "nonfinite" in values:  # the count of skipped steps so far, not an average
-                    values["nonfinite"] = float(guard.total if guard is not None else values["nonfinite"])
-                now = time.perf_counter()
-                values["examples_per_sec"] = (step - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step, pending = now, step, []
-                log("train", values)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
-                                 if k in ("loss", "accuracy", "learning_rate", "examples_per_sec")}, refresh=False)
+            data.advance()
+            log.train(step, position, metrics, bar, flush=step % log_every == 0 or step == end,
+                      batch_size=data.batch_size)
             if step % eval_every == 0 or step == num_steps:
-                values = run_eval()
+                values = log.evaluate(step, state, eval_data, eval_step, early_stopping)
+                stopped_early = early_stopping is not None and early_stopping.should_stop
                 save(values)
         if step < num_steps and not stopped_early:  # stopped at `stop_at`: resumable, not evaluated
             save(None)
     except KeyboardInterrupt:  # keep what was trained: checkpoint, then re-raise
-        try:  # `state` and `synced` always describe the last completed step
+        try:  # `state` and the data position always describe the last completed step
             save(None)
         except Exception as err:  # noqa: BLE001 - e.g. interrupted inside the donating step
             print(f"fit: interrupted; could not save a checkpoint at step {step}: {err}", file=sys.stderr)
@@ -426,4 +360,120 @@ def fit(
             checkpointer.wait()
         if writer is not None and hasattr(writer, "flush"):
             writer.flush()
-    return FitResult(state=state, history=history, best=best, stopped_early=stopped_early, data_state=loop_state())
+    best = early_stopping.best_record if early_stopping is not None else log.last_eval
+    return FitResult(state=state, history=log.history, best=best, stopped_early=stopped_early,
+                     data_state=data.loop_state(early_stopping))
+
+
+def _check_fit_arguments(num_steps, log_every, eval_every, max_traces, loss_fn, train_step, eval_step,
+                         eval_data, early_stopping) -> None:
+    if loss_fn is None and (train_step is None or (eval_data is not None and eval_step is None)):
+        raise ValueError("fit: pass loss_fn, or train_step (and eval_step when there is eval_data).")
+    if max_traces is not None and max_traces != 1:
+        raise ValueError(f"fit: max_traces={max_traces}; expected None or 1 (one compiled step).")
+    if num_steps < 0 or log_every < 1 or (eval_every is not None and eval_every < 1):
+        raise ValueError(f"fit: expected num_steps >= 0, log_every >= 1 and eval_every >= 1 (or None); got "
+                         f"num_steps={num_steps}, log_every={log_every}, eval_every={eval_every}.")
+    if early_stopping is not None and eval_data is None:
+        raise ValueError("fit: early_stopping watches an evaluation metric, but no eval_data was given. "
+                         "Fix: pass eval_data= (e.g. a validation Pipeline), or drop early_stopping.")
+
+
+class _TrainData:
+    """The train iterator and its position: resumed from `data_state`, checked on the first batch
+    (label values on the host) and, with `max_traces=1`, for shape drift on every batch."""
+
+    def __init__(self, train_data, data_state, early_stopping, max_traces):
+        self.iterator = train_data if hasattr(train_data, "__next__") else iter(train_data)
+        data_state = dict(data_state or {})
+        stopping = data_state.pop(_EARLY_STOPPING, None)
+        if data_state:
+            if not hasattr(self.iterator, "set_state"):
+                raise ValueError("fit: data_state was given but the train data iterator has no set_state().")
+            self.iterator.set_state(data_state)
+        if stopping is not None and early_stopping is not None:  # a resumed run keeps its patience
+            early_stopping.load_state_dict(stopping)
+        # The position matching the state: the iterator's state after the last completed step.
+        self.position = self.iterator.get_state() if hasattr(self.iterator, "get_state") else None
+        self.batch_size = None
+        self.signature = {} if max_traces is not None else None
+
+    def next(self, state, step: int, num_steps: int):
+        """`(position, batch)` of `step`."""
+        position = self.position.get("next_index", self.position) if isinstance(self.position, Mapping) else step
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            raise ValueError(
+                f"fit: the training data ended after step {step}, before num_steps={num_steps}. Fix: "
+                f"pass data that repeats (e.g. jnn.data.Pipeline(..., num_epochs=None)) or num_steps="
+                f"{step}.") from None
+        if self.batch_size is None:  # host-side check of the first batch, with label values
+            check_batch(state, batch, where="fit")
+            self.batch_size = len(jax.tree.leaves(batch["labels"])[0])
+        if self.signature is not None:
+            self.signature = _check_signature(self.signature or None, batch, step)
+        return position, batch
+
+    def advance(self) -> None:
+        if self.position is not None:
+            self.position = self.iterator.get_state()
+
+    def loop_state(self, early_stopping) -> dict | None:
+        """What a resumed `fit` needs besides the train state: data position, early-stopping counters."""
+        out = dict(self.position or {})
+        if early_stopping is not None:
+            out[_EARLY_STOPPING] = early_stopping.state_dict()
+        return out or None
+
+
+class _Log:
+    """The run's records: train metrics averaged per interval (with throughput and the non-finite
+    guard), evaluations, the writer and the progress bar's summary."""
+
+    def __init__(self, writer, log_every: int, step: int, guard: NonFiniteGuard | None):
+        self.writer, self.log_every, self.guard = writer, log_every, guard
+        self.history: list[dict] = []
+        self.last_eval: dict | None = None
+        self.pending: list[dict] = []
+        self.steps: list[tuple[int, Any]] = []  # (step, batch position) of each pending metric
+        self.observed = 0  # pending metrics whose non-finite flag the guard has seen
+        self.since, self.since_step = time.perf_counter(), step
+
+    def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+        self.history.append({"step": step, "split": split, **values})
+        if self.writer is not None:
+            self.writer.write(step, values, split)
+
+    def train(self, step: int, position, metrics, bar, *, flush: bool, batch_size: int) -> None:
+        self.pending.append(metrics)
+        self.steps.append((step - 1, position))
+        bar.update(1)
+        if self.guard is not None and "nonfinite" in metrics and (self.guard.policy == "raise" or flush):
+            flags = [float(f) for f in jax.device_get([m["nonfinite"] for m in self.pending[self.observed:]])]
+            self.guard.observe(self.steps[self.observed:], flags)
+            self.observed = len(self.pending)
+        if not flush:
+            return
+        values = _mean_metrics(self.pending)
+        if "nonfinite" in values:  # the count of skipped steps so far, not an average
+            values["nonfinite"] = float(self.guard.total if self.guard is not None else values["nonfinite"])
+        now = time.perf_counter()
+        values["examples_per_sec"] = (step - self.since_step) * batch_size / max(now - self.since, 1e-9)
+        self.since, self.since_step = now, step
+        self.write(step, "train", values)
+        self.pending, self.steps, self.observed = [], [], 0
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
+                         if k in ("loss", "accuracy", "learning_rate", "examples_per_sec")}, refresh=False)
+
+    def evaluate(self, step, state, eval_data, eval_step, early_stopping) -> dict | None:
+        if eval_data is None:
+            return None
+        data = eval_data() if callable(eval_data) else eval_data
+        values = {k: v for k, v in evaluate(state, data, eval_step).items()
+                  if not isinstance(v, Mapping) and np.ndim(v) == 0}
+        self.write(step, "eval", values)
+        self.last_eval = {"step": step, **values}
+        if early_stopping is not None:
+            early_stopping.update(step, values)
+        return values

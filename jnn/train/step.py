@@ -89,10 +89,11 @@ def check_batch(state: TrainState, batch: Batch, *, where: str = "train_step") -
         )
     if "mask" in batch:
         mask_shape = tuple(np.shape(batch["mask"]))
-        if not mask_shape or mask_shape != lab_shape[: len(mask_shape)]:
+        if not mask_shape or mask_shape[0] != lab_shape[0] or not losses_lib.mask_fits(mask_shape, lab_shape):
             raise ValueError(
                 f"{where}: batch['mask'] has shape {mask_shape}; expected a prefix of the labels' "
-                f"shape {lab_shape}, e.g. ({lab_shape[0]},). Fix: one weight per example."
+                f"shape {lab_shape} (axes after the first may be 1), e.g. ({lab_shape[0]},). Fix: one "
+                f"weight per example."
             )
     if lab_shape[0] == 0:
         raise ValueError(f"{where}: the batch is empty (batch['labels'] has shape {lab_shape}); a step "
