@@ -53,7 +53,8 @@ class ModelSpec:
 InputSpec = ModelSpec  # deprecated alias (0.1): the spec also describes the outputs
 
 
-def _describe(tree: Any) -> str:
+def describe(tree: Any) -> str:
+    """A short description of a model's output: "dict with keys [...]", "tuple of 3", "Array"."""
     if isinstance(tree, Mapping):
         return f"dict with keys {sorted(tree)}"
     if isinstance(tree, (tuple, list)):
@@ -70,7 +71,7 @@ def make_spec(example_inputs: Any, outputs: Any) -> ModelSpec:
     if hasattr(outputs, "shape") and hasattr(outputs, "dtype"):
         shape = tuple(outputs.shape[1:]) if len(outputs.shape) >= 1 else ()
         return ModelSpec(inputs, tree, shape, "array" if len(outputs.shape) >= 1 else "scalar")
-    return ModelSpec(inputs, tree, (), _describe(outputs))
+    return ModelSpec(inputs, tree, (), describe(outputs))
 
 
 class TrainState(struct.PyTreeNode):

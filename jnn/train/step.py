@@ -21,7 +21,7 @@ from jax import lax
 
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
-from jnn.train.state import TrainState
+from jnn.train.state import TrainState, describe
 
 LossFn = Callable[[Any, jax.Array], jax.Array]
 Batch = Mapping[str, Any]
@@ -226,21 +226,13 @@ def resolve_loss(loss_fn: LossFn | str) -> Callable[[Any, Any, Batch], jax.Array
         if array_loss and not isinstance(outputs, (jax.Array, np.ndarray)):
             raise ValueError(
                 f"the loss {name!r} takes the model's output array, but the model returns a "
-                f"{_describe(outputs)}. A loss receives the model's whole output. Fix: write "
+                f"{describe(outputs)}. A loss receives the model's whole output. Fix: write "
                 f"loss_fn(outputs, labels) that picks the part to score, e.g. "
                 f"lambda out, y: jnn.losses.cross_entropy(out[0], y) (or out['logits']); give it a "
                 f"`batch` parameter to read other batch entries.")
         return fn(outputs, labels, batch=batch) if wants_batch else fn(outputs, labels)
 
     return loss
-
-
-def _describe(tree: Any) -> str:
-    if isinstance(tree, Mapping):
-        return f"dict with keys {sorted(tree)}"
-    if isinstance(tree, (tuple, list)):
-        return f"{type(tree).__name__} of {len(tree)} values"
-    return type(tree).__name__
 
 
 def _weighted_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
