@@ -5,9 +5,10 @@
   python examples/lenet5_cifar10.py --set optim.learning_rate=0.001 --set train.steps=12000
 
 Without --data-dir it trains on scikit-learn's bundled 8x8 digits, resized to 32x32x3 (no download).
-Where examples/mlp_mnist.py runs a preset in one call (`jnn.experiment.train`), this one spells out
-the loop as the tutorial does: build the experiment, `jnn.fit`, then `jnn.evaluate` with a confusion
-matrix, which gives the tutorial's per-class accuracy (recall) and more.
+Where `jnn train --preset lenet5_cifar10` runs the preset in one call, this one spells out the run as
+the tutorial does: build the experiment, `jnn.fit`, then `jnn.evaluate` with a confusion matrix,
+which gives the tutorial's per-class accuracy (recall) and more. (examples/train_loop.py goes one
+level lower and writes the loop itself.)
 """
 from __future__ import annotations
 

@@ -9,8 +9,7 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 # A step or two: compiling dominates, so these cover the whole script in seconds.
 FEW_STEPS = ["--set", "train.steps=2", "--set", "train.eval_every=2", "--set", "train.log_every=1"]
-PRESET_EXAMPLES = ["mlp_mnist", "keras_cnn_mnist", "lenet5_cifar10", "resnet20_cifar10", "cnn_finetune",
-                   "gpt_char", "lstm_char"]
+PRESET_EXAMPLES = ["train_loop", "lenet5_cifar10", "cnn_finetune", "gpt_char", "lstm_char"]
 
 
 def _load(name: str):
@@ -44,17 +43,13 @@ def test_example_has_the_common_layout(name):
     assert (args.debug, args.data_dir, args.run_dir, args.set) == (True, "d", "r", ["a.b=1", "c.d=2"])
 
 
-# Each takes 8-16 s of CPU (mostly XLA compiling); the slow ones repeat a code path a fast one covers
-# (mlp_mnist: keras_cnn_mnist's; gpt_char: lstm_char's sampling) or compile the biggest model.
-@pytest.mark.parametrize("name", [pytest.param("mlp_mnist", marks=pytest.mark.slow), "keras_cnn_mnist",
-                                  pytest.param("resnet20_cifar10", marks=pytest.mark.slow)])
-def test_preset_example_trains_and_reports(name, tmp_path):
-    summary = _run(name, tmp_path)
-    assert summary["steps"] == 2
+@pytest.mark.parametrize("flavour", [[], ["--nnx"]], ids=["linen", "nnx"])
+def test_hand_written_loop_trains_checkpoints_and_reports(flavour, tmp_path):
+    summary = _run("train_loop", tmp_path, *flavour)
+    assert summary["steps"] == 2 and summary["model"] == ("nnx" if flavour else "linen")
     assert math.isfinite(summary["test"]["loss"])
-    _check_report(summary["test"]["report"])
-    for file in ("config.json", "metrics.jsonl", "test_metrics.json", "checkpoints"):
-        assert (tmp_path / name / file).exists(), file
+    assert {r["split"] for r in summary["history"]} == {"train", "eval"}
+    assert any(p.name.isdigit() for p in (tmp_path / "train_loop" / "checkpoints").iterdir())
 
 
 def test_lenet5_example_fits_and_reports(tmp_path):

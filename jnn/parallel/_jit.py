@@ -64,7 +64,7 @@ class DataParallelStep:
         A copy: the step donates its input, and a buffer shared with the caller's `state` would
         be deleted with it.
         """
-        return _mesh._put(state, self.state_sharding(state)) if jax.process_count() == 1 else \
+        return _mesh.place(state, self.state_sharding(state)) if jax.process_count() == 1 else \
             _mesh.shard_state(state, self.mesh, fsdp=self.fsdp, data_axis=self.data_axis,
                               fsdp_min_size=self._fsdp_min_size)
 

@@ -129,7 +129,7 @@ def _is_multiprocess() -> bool:
     return jax.process_count() > 1
 
 
-def _put(tree: PyTree, shardings: PyTree) -> PyTree:
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
     """`jax.device_put`, but multi-process safe for committed single-process arrays."""
     if not _is_multiprocess():
         # A compiled copy, not `device_put`: device_put onto a replicated sharding reuses the
@@ -159,13 +159,13 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
     For the stacked layout that `jax.pmap` wants, see `pmap_replicate`.
     """
-    return _put(tree, replicated(mesh))
+    return place(tree, replicated(mesh))
 
 
 def shard_state(state: PyTree, mesh: Mesh, *, fsdp: bool = False, data_axis: str = DATA_AXIS,
                 fsdp_min_size: int = 0) -> PyTree:
     """Places a state on `mesh`: replicated, or FSDP-sharded (see `state_sharding`)."""
-    return _put(state, state_sharding(state, mesh, fsdp=fsdp, data_axis=data_axis,
+    return place(state, state_sharding(state, mesh, fsdp=fsdp, data_axis=data_axis,
                                       fsdp_min_size=fsdp_min_size))
 
 
