@@ -111,7 +111,7 @@ def read_python_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
         )
     if labels.shape != (len(data),):
         raise DataError(f"{path}: expected {len(data)} labels, got {labels.shape}.")
-    return _to_nhwc(data), labels.astype(np.int32)
+    return _to_nhwc(data), _checked_labels(path, labels)
 
 
 def read_binary_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +127,18 @@ def read_binary_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
             f"bytes (1 label + {_PIXELS} pixels per image), got {raw.size}. Download it again."
         )
     records = raw.reshape(-1, _RECORD)  # (N, 3073)
-    return _to_nhwc(records[:, 1:]), records[:, 0].astype(np.int32)
+    return _to_nhwc(records[:, 1:]), _checked_labels(path, records[:, 0])
+
+
+def _checked_labels(path: str, labels: np.ndarray) -> np.ndarray:
+    """The labels as int32, or a DataError naming the file, the record and the value."""
+    bad = np.flatnonzero((labels < 0) | (labels >= 10))
+    if bad.size:
+        raise DataError(
+            f"{path}: record {int(bad[0])} has label {int(labels[bad[0]])}; CIFAR-10 labels lie in 0..9 "
+            f"({bad.size} record(s) out of range). The file is corrupt or not a CIFAR-10 batch: "
+            f"download it again.")
+    return labels.astype(np.int32)
 
 
 def _to_nhwc(data: np.ndarray) -> np.ndarray:

@@ -77,6 +77,27 @@ def test_corrupt_python_batch(tmp_path):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("layout", ["python", "binary"])
+def test_an_out_of_range_label_names_the_file_and_the_record(tmp_path, layout):
+    if layout == "python":
+        write_cifar_python(tmp_path)
+        path = tmp_path / "data_batch_4"
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        batch[b"labels"][2] = 12
+        with open(path, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    else:
+        write_cifar_binary(tmp_path)
+        path = tmp_path / "data_batch_4.bin"
+        raw = bytearray(path.read_bytes())
+        raw[2 * 3073] = 12  # the label byte of record 2
+        path.write_bytes(bytes(raw))
+    with pytest.raises(jd.DataError, match=r"record 2 has label 12; CIFAR-10 labels lie in 0..9") as e:
+        jd.load_cifar10(tmp_path)
+    assert str(path) in str(e.value)
+
+
 def test_wrong_data_shape(tmp_path):
     write_cifar_python(tmp_path)
     with open(tmp_path / "data_batch_1", "wb") as f:
