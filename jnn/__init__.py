@@ -10,7 +10,7 @@ from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, NonFiniteError, evaluate, fit, pad_batch
 from jnn.train.state import (InputSpec, ModelSpec, TrainState, abstract_train_state, create_train_state,
                               to_nnx)
-from jnn.train.step import check_batch, make_eval_step, make_train_step
+from jnn.train.step import Step, check_batch, make_eval_step, make_train_step
 from jnn.vmap import create_ensemble, ensemble_train_step, make_dp_train_step, per_example_grads
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "InputSpec",
     "ModelSpec",
     "NonFiniteError",
+    "Step",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from jnn.train.state import TrainState, _initializer, _FAST_COMPILE
-from jnn.train.step import check_batch, resolve_loss, step_rng
+from jnn.train.step import Step, check_batch, resolve_loss, step_rng
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -149,8 +149,7 @@ def make_dp_train_step(loss_fn: Callable | str, *, validate: bool = True
         new_state = state.apply_gradients(grads)
         return new_state, {"loss": jnp.mean(losses), "per_example_grad_norm": jnp.mean(norms)}
 
-    train_step.axis_name = None
-    return train_step
+    return Step(train_step, "train")
 
 
 # ----------------------------------------------------------------------------------------------

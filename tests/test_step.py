@@ -355,7 +355,7 @@ def test_mask_with_more_axes_than_the_losses_is_rejected_while_tracing():
 
 def test_the_mask_rule_is_one_rule_for_check_batch_and_the_losses():
     # A (B, 1) mask with (B, T) labels broadcasts in the losses, so check_batch accepts it too.
-    state = jnn.abstract_train_state(jnn.models.get("gpt_char", vocab_size=5, block_size=4, num_layers=1,
+    state = jnn.abstract_train_state(jnn.models.get("gpt_char_tiny", vocab_size=5, block_size=4, num_layers=1,
                                                     num_heads=1, embed_dim=8), optax.sgd(0.1),
                                      np.zeros((1, 4), np.int32), 0)
     batch = {"inputs": np.zeros((3, 4), np.int32), "labels": np.zeros((3, 4), np.int32)}
@@ -364,3 +364,12 @@ def test_the_mask_rule_is_one_rule_for_check_batch_and_the_losses():
     for bad in (np.ones((3, 2), np.float32), np.ones((1, 4), np.float32), np.ones((3, 4, 2), np.float32)):
         with pytest.raises(ValueError, match=r"batch\['mask'\] has shape"):
             jnn.check_batch(state, {**batch, "mask": bad})
+
+
+def test_steps_are_values_that_say_what_they_are():
+    step = jnn.make_train_step("cross_entropy", axis_name="batch", on_nonfinite="skip")
+    assert isinstance(step, jnn.Step)
+    assert (step.kind, step.axis_name, step.on_nonfinite) == ("train", "batch", "skip")
+    assert jnn.make_eval_step("cross_entropy").kind == "eval"
+    with pytest.raises(ValueError, match="kind='test'"):
+        jnn.Step(lambda state, batch: state, "test")

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from jnn.parallel import _mesh
 from jnn.parallel._checks import check_data_axis, diagnose_sharded_batch
-from jnn.parallel._steps import check_unmapped_step
+from jnn.parallel._steps import check_unmapped_step, step_kind
 
 PyTree = Any
 
@@ -30,28 +30,34 @@ class DataParallelStep:
     def __init__(self, train_step: Callable, mesh: Mesh, *, fsdp: bool, data_axis: str,
                  donate: bool, fsdp_min_size: int):
         self.mesh, self.data_axis, self.fsdp = mesh, data_axis, fsdp
+        self.kind = step_kind(train_step)
         self._fsdp_min_size = fsdp_min_size
         self._step = train_step
         self._donate = (0,) if donate else ()
-        self._jitted: Callable | None = None
-        self._state_treedef = None
-        if not fsdp:  # replicated: the shardings are pytree prefixes, known before the first call
-            self._jitted = self._compile(_mesh.replicated(mesh))
+        # Replicated: the shardings are pytree prefixes, one compiled step for any state. FSDP: the
+        # shardings are per leaf, so one compiled step per state structure, built on first sight.
+        self._replicated = None if fsdp else self._compile(_mesh.replicated(mesh))
+        self._by_structure: dict[Any, Callable] = {}
 
     def _compile(self, state_shardings: PyTree) -> Callable:
         rep = _mesh.replicated(self.mesh)
         in_shardings = (state_shardings, _mesh.batch_sharding(self.mesh, self.data_axis))
         if not self.fsdp:
             return jax.jit(self._step, in_shardings=in_shardings, out_shardings=rep, donate_argnums=self._donate)
+        # A train step's new state keeps the FSDP layout and its metrics are replicated; an eval
+        # step returns metrics only (the Step's kind says which).
+        out_shardings = (state_shardings, rep) if self.kind == "train" else rep
+        return jax.jit(self._step, in_shardings=in_shardings, out_shardings=out_shardings,
+                       donate_argnums=self._donate)
 
-        def step(state, batch):  # a train step's new state keeps the FSDP layout; metrics are replicated
-            out = self._step(state, batch)
-            if isinstance(out, tuple) and len(out) == 2 and jax.tree.structure(out[0]) == jax.tree.structure(state):
-                return (jax.lax.with_sharding_constraint(out[0], state_shardings),
-                        jax.lax.with_sharding_constraint(out[1], rep))
-            return jax.lax.with_sharding_constraint(out, rep)  # an eval step: metrics only
-
-        return jax.jit(step, in_shardings=in_shardings, donate_argnums=self._donate)
+    def _jitted_for(self, state: PyTree) -> Callable:
+        if self._replicated is not None:
+            return self._replicated
+        structure = jax.tree.structure(state)
+        jitted = self._by_structure.get(structure)
+        if jitted is None:
+            jitted = self._by_structure[structure] = self._compile(self.state_sharding(state))
+        return jitted
 
     def state_sharding(self, state: PyTree) -> PyTree:
         """The per-leaf shardings this step keeps `state` in."""
@@ -72,20 +78,11 @@ class DataParallelStep:
         """`jnn.parallel.shard_batch(batch, self.mesh)`."""
         return _mesh.shard_batch(batch, self.mesh, data_axis=self.data_axis)
 
-    def _build_for(self, state: PyTree) -> Callable:
-        self._state_treedef = jax.tree.structure(state)
-        self._jitted = self._compile(self.state_sharding(state))
-        return self._jitted
-
     def __call__(self, state: PyTree, batch: PyTree):
-        jitted = self._jitted
-        if jitted is None:
-            jitted = self._build_for(state)
+        jitted = self._jitted_for(state)
         try:
             return jitted(state, batch)
         except Exception as e:  # slow path only: explain what the user got wrong, or re-raise
-            if self.fsdp and jax.tree.structure(state) != self._state_treedef:
-                return self._build_for(state)(state, batch)
             try:
                 diagnose_sharded_batch(batch, self.mesh, self.data_axis, where="data_parallel step")
             except ValueError as diagnosis:
@@ -94,8 +91,7 @@ class DataParallelStep:
 
     def lower(self, state: PyTree, batch: PyTree):
         """`jax.jit(...).lower(state, batch)`, to inspect the compiled program."""
-        jitted = self._jitted or self._build_for(state)
-        return jitted.lower(state, batch)
+        return self._jitted_for(state).lower(state, batch)
 
 
 def data_parallel(train_step: Callable, mesh: Mesh | None = None, *, fsdp: bool = False,
@@ -116,8 +112,9 @@ def data_parallel(train_step: Callable, mesh: Mesh | None = None, *, fsdp: bool 
 
     Args:
       train_step: `make_train_step(loss)` (without `axis_name`), or any pure
-        `(state, batch) -> (state, metrics)`; or an eval step `(state, batch) -> metrics` such as
-        `make_eval_step(loss)` (pass `donate=False`), FSDP-sharded states included.
+        `(state, batch) -> (state, metrics)`; or an eval step such as `make_eval_step(loss)` (pass
+        `donate=False`), FSDP-sharded states included. A plain function is taken as a train step;
+        wrap your own eval function as `jnn.Step(fn, "eval")`.
       mesh: the device mesh (default `make_mesh()`: all devices on "data").
       fsdp: shard parameters and optimizer state over `data_axis`.
       data_axis: the mesh axis the batch (and FSDP state) is split over.

@@ -150,5 +150,5 @@ def pmap_train_step(train_step: Callable | str | None = None, *, loss_fn: Any = 
         with another one; on call, if the arguments lack the leading device axis or live elsewhere.
     """
     step, axis = resolve_mapped_step(train_step, loss_fn, axis_name, where="pmap_train_step",
-                                     default_axis=PMAP_AXIS, fix_axis_is_fixed=False)
+                                     default_axis=PMAP_AXIS, axis_from_mesh=False)
     return PmapStep(step, axis, devices, donate, sync_batch_stats)

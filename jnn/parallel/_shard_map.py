@@ -84,5 +84,5 @@ def shard_map_train_step(train_step: Callable | str | None = None, mesh: Mesh | 
     check_data_axis(mesh, data_axis, where="shard_map_train_step")
     mesh = _mesh.auto_axes(mesh)
     step, _ = resolve_mapped_step(train_step, loss_fn, data_axis, where="shard_map_train_step",
-                                  default_axis=data_axis, fix_axis_is_fixed=True)
+                                  default_axis=data_axis, axis_from_mesh=True)
     return ShardMapStep(step, mesh, data_axis, donate, sync_batch_stats)

@@ -1,8 +1,8 @@
 """What a parallel wrapper needs from the step and the model: the step's axis, BatchNorm's sync.
 
-`make_train_step(loss, axis_name=...)` marks the step it returns with `.axis_name`, so a wrapper can
-tell a step that reduces over devices from one that does not and refuse the wrong kind instead of
-silently training each device on its own shard.
+`make_train_step(loss, axis_name=...)` returns a `jnn.Step` whose fields say whether it reduces over
+a device axis and whether it is a train or an eval step, so a wrapper can refuse the wrong kind
+instead of silently training each device on its own shard.
 
 BatchNorm statistics follow the step's axis for any flax model (`jnn.train.model`): statistics of
 the global batch under sharded jit, averaged over the device axis under pmap and shard_map.
@@ -12,18 +12,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from jnn.train.step import make_train_step
+from jnn.train.step import Step, make_train_step
 
 _UNMARKED = object()
 
 
 def step_axis_name(train_step: Callable) -> Any:
-    """The `axis_name` a `make_train_step` step was built with, or `_UNMARKED` for other steps."""
-    return getattr(train_step, "axis_name", _UNMARKED)
+    """The `axis_name` of a `jnn.Step` (from `make_train_step`), or `_UNMARKED` for a plain function."""
+    return train_step.axis_name if isinstance(train_step, Step) else _UNMARKED
+
+
+def step_kind(step: Callable) -> str:
+    """"train" or "eval" for a `jnn.Step`; a plain function is taken as a train step."""
+    return step.kind if isinstance(step, Step) else "train"
 
 
 def resolve_mapped_step(train_step: Callable | str | None, loss_fn: Any, axis_name: str | None, *,
-                        where: str, default_axis: str, fix_axis_is_fixed: bool) -> tuple[Callable, str]:
+                        where: str, default_axis: str, axis_from_mesh: bool) -> tuple[Callable, str]:
     """The step to run under a mapped axis (pmap / shard_map) and that axis's name.
 
     Args:
@@ -33,7 +38,7 @@ def resolve_mapped_step(train_step: Callable | str | None, loss_fn: Any, axis_na
       axis_name: the device axis; None takes the step's own (pmap) or `default_axis`.
       where: the caller's name, for errors.
       default_axis: axis when neither the step nor the caller names one.
-      fix_axis_is_fixed: the axis is the mesh's (shard_map) and the step must match it.
+      axis_from_mesh: the axis is the mesh's (shard_map) and the step must match it.
     """
     if isinstance(train_step, str):
         train_step, loss_fn = None, train_step
@@ -54,7 +59,7 @@ def resolve_mapped_step(train_step: Callable | str | None, loss_fn: Any, axis_na
             f"with make_train_step(loss, axis_name={axis_name or default_axis!r}), or pass "
             f"loss_fn=loss and let {where} build it.")
     if axis_name is not None and marked != axis_name:
-        hint = "the mesh's data axis" if fix_axis_is_fixed else "the device axis"
+        hint = "the mesh's data axis" if axis_from_mesh else "the device axis"
         raise ValueError(
             f"{where}: the train step reduces over axis_name={marked!r}, but {hint} is "
             f"{axis_name!r}. Fix: build the step with make_train_step(loss, axis_name={axis_name!r}).")

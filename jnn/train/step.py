@@ -9,6 +9,7 @@ Batches are dicts with "inputs" and "labels" and optional extra keys; a "mask" k
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Collection
 from typing import Any, Callable, Mapping
@@ -341,6 +342,35 @@ def _learning_rate(opt_state) -> jax.Array | None:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A step function and the contract a wrapper needs to run it, as a value.
+
+    Call it like the function (`step(state, batch)`); `jax.jit`, `jax.vmap`, `jax.pmap` and
+    `jnn.parallel` take it as it is, and the parallel wrappers read its fields instead of guessing:
+    whether it reduces over a device axis, and whether it returns a new state.
+
+    Attributes:
+      fn: the pure function: `(state, batch) -> (state, metrics)` for "train",
+        `(state, batch) -> metrics` for "eval".
+      kind: "train" or "eval".
+      axis_name: the device axis its collectives reduce over (pmap / shard_map), or None.
+      on_nonfinite: a train step's non-finite policy (see `make_train_step`).
+    """
+
+    fn: Callable
+    kind: str
+    axis_name: str | None = None
+    on_nonfinite: str = "apply"
+
+    def __post_init__(self):
+        if self.kind not in ("train", "eval"):
+            raise ValueError(f"Step: kind={self.kind!r}; expected 'train' or 'eval'.")
+
+    def __call__(self, state, batch):
+        return self.fn(state, batch)
+
+
 TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "learning_rate")
 
 
@@ -351,8 +381,8 @@ def make_train_step(
     metrics: Collection[str] = TRAIN_METRICS,
     validate: bool = True,
     on_nonfinite: str = "apply",
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Returns a pure `train_step(state, batch) -> (new_state, metrics)`.
+) -> "Step":
+    """Returns a pure `train_step(state, batch) -> (new_state, metrics)`, as a `Step`.
 
     Example:
       >>> step = jax.jit(jnn.make_train_step(optax.softmax_cross_entropy_with_integer_labels),
@@ -450,9 +480,7 @@ def make_train_step(
             out["learning_rate"] = lr
         return new_state, out
 
-    train_step.axis_name = axis_name  # lets jnn.parallel refuse a step built for another axis
-    train_step.on_nonfinite = on_nonfinite
-    return train_step
+    return Step(train_step, "train", axis_name, on_nonfinite)
 
 
 def make_eval_step(
@@ -462,8 +490,8 @@ def make_eval_step(
     confusion: bool = False,
     top_k: tuple[int, ...] = (),
     validate: bool = True,
-) -> Callable[[TrainState, Batch], dict[str, Any]]:
-    """Returns a pure `eval_step(state, batch) -> metrics` that runs the model in eval mode.
+) -> "Step":
+    """Returns a pure `eval_step(state, batch) -> metrics` (a `Step`) that runs the model in eval mode.
 
     The metrics are mergeable accumulators (`jnn.metrics.Average`, `jnn.metrics.ConfusionMatrix`):
     sum them over batches on device with `jnn.metrics.merge` and read them once at the end with
@@ -502,5 +530,4 @@ def make_eval_step(
                     jnp.argmax(outputs, -1), class_ids, outputs.shape[-1], mask)
         return _psum(out, axis_name)
 
-    eval_step.axis_name = axis_name
-    return eval_step
+    return Step(eval_step, "eval", axis_name)
