@@ -138,3 +138,16 @@ def test_incompatible_checkpoint_is_reported(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps(config))
     code, _, err = _run(["eval", str(run)], capsys)
     assert code == 2 and "could be restored into the current model" in err
+
+
+def test_a_restore_error_is_one_line_without_tracebacks(tmp_path, capfd):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=2"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["kwargs"] = {"features": [7, 8]}  # a changed model
+    (run / "config.json").write_text(json.dumps(config))
+    capfd.readouterr()
+    code = cli.main(["eval", str(run)])
+    err = capfd.readouterr().err  # file-descriptor level: orbax's and asyncio's logs included
+    assert code == 2 and "Traceback" not in err and "Event loop is closed" not in err
+    assert err.count("\n") == 1 and "params/" in err and "checkpoint (" in err
