@@ -166,3 +166,14 @@ def test_jnn_train_on_data_with_a_nan_example_skips_it_and_saves_finite_checkpoi
         for step in ckpt.all_steps():
             state, _ = ckpt.restore(experiment.build(config).state, step=step)
             assert all(np.isfinite(x).all() for x in jax.tree.leaves(_arrays(state)))
+
+
+def test_integer_targets_of_a_one_output_regression_are_not_taken_as_class_ids():
+    def squared(outputs, labels):
+        return (outputs[:, 0] - labels.astype(jnp.float32)) ** 2
+
+    state = jnn.create_train_state(jnn.models.MLP(hidden_sizes=(4,), num_classes=1), optax.sgd(0.01),
+                                   _batch()["inputs"][:1], 0)
+    batch = {"inputs": _batch()["inputs"], "labels": np.arange(B, dtype=np.int32)}  # counts 0..15
+    _, metrics = jax.jit(jnn.make_train_step(squared, on_nonfinite="skip"))(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0.0

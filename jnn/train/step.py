@@ -257,7 +257,8 @@ def _invalid_labels_to_nan(losses: jax.Array, outputs: Any, labels: Any) -> jax.
     """NaN where a class-id label is out of range: optax's integer-label cross-entropy reads label -1
     as the last class, a silently wrong loss; NaN is caught by the non-finite policy."""
     if not isinstance(outputs, jax.Array) or not isinstance(labels, (jax.Array, np.ndarray)) \
-            or not jnp.issubdtype(labels.dtype, jnp.integer) or labels.ndim != outputs.ndim - 1:
+            or not jnp.issubdtype(labels.dtype, jnp.integer) or labels.ndim != outputs.ndim - 1 \
+            or outputs.shape[-1] < 2:  # one output: a regression with integer targets, not class ids
         return losses
     valid = (labels >= 0) & (labels < outputs.shape[-1])  # (B, ...)
     if losses.shape != valid.shape:
