@@ -316,7 +316,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
 
 
 def _import_writers() -> None:
-    """Imports tensorboardX and matplotlib (~2 s of Python) while XLA compiles, which frees the GIL."""
+    """Imports tensorboardX and matplotlib while XLA compiles, which frees the GIL."""
     import matplotlib
 
     matplotlib.use("Agg")

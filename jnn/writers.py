@@ -56,9 +56,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 class TensorBoardWriter:
     """TensorBoard event files under `logdir`, one scalar tag per `split/metric`.
 
-    The event file is opened at the first write: importing tensorboardX takes 0.3-2 s (it imports
-    PyTorch when that is installed), and `jnn train` imports it in a thread while the train step
-    compiles, so nothing waits for it before the first metrics are logged.
+    The event file is opened at the first write: importing tensorboardX is slow (it imports PyTorch
+    when that is installed), and `jnn train` imports it in a thread while the train step compiles,
+    so nothing waits for it before the first metrics are logged.
     """
 
     def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):

@@ -153,8 +153,8 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 def _stratified_split(inverse, counts, num_kept, num_held, rng):
     """scikit-learn's `StratifiedShuffleSplit`, draw for draw, without importing scikit-learn.
 
-    Importing `sklearn.model_selection` costs 1.5-4 s at start-up (it pulls in scipy), more than
-    the rest of loading the digits. This makes the same random draws in the same order, so the
+    Importing `sklearn.model_selection` pulls in scipy, which costs more at start-up than the
+    rest of loading the digits. This makes the same random draws in the same order, so the
     splits are exactly scikit-learn's (`tests/data/test_sources.py` compares them).
     """
     by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])

@@ -400,8 +400,8 @@ def make_train_step(
         "accuracy" (when outputs are class scores and labels class ids or one-hot), "grad_norm"
         (the global L2 norm of the gradient) and "learning_rate" (when the optimizer exposes one,
         as `jnn.optim.make_optimizer` and `optax.inject_hyperparams` do). Each costs a little:
-        the gradient norm is one more pass over every gradient, 8-16% of a small MLP's step on 8
-        fake CPU devices (`benchmarks/parallel.py`); `metrics=("loss",)` is the bare step.
+        the gradient norm is one more pass over every gradient (measured in
+        `benchmarks/README.md`); `metrics=("loss",)` is the bare step.
       validate: check the batch against the model before tracing (see `check_batch`).
       on_nonfinite: what a step whose loss, gradients or model state are not finite (NaN or Inf)
         does. "apply": nothing special (the bare step). "skip" and "raise": the step leaves
