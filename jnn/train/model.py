@@ -211,24 +211,6 @@ class LinenModel:
                 for path, _ in jax.tree_util.tree_flatten_with_path(model_state)[0]]
 
 
-def _uses(module: nn.Module, variables: PyTree, inputs: Any, kinds: tuple[type, ...]) -> bool:
-    """Whether applying `module` (eval mode, shapes only) calls a submodule of one of `kinds`."""
-    found = []
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, kinds):
-            found.append(type(context.module).__name__)
-        return next_fun(*args, **kwargs)
-
-    try:
-        with nn.intercept_methods(record), _batch_norm_axis(None):
-            jax.eval_shape(lambda v, x: module.apply(v, *call_args(x), rngs={"params": jax.random.key(0)},
-                                                     mutable=True), variables, inputs)
-    except Exception:  # noqa: BLE001 - only a hint for a warning; never fail creation on it
-        return False
-    return bool(found)
-
-
 def linen_model(module: nn.Module, variables: PyTree, example_inputs: Any, *, mode: ModeKeyword | None,
                 train_kwarg: str | None, rng_streams: Sequence[str] | None) -> tuple[LinenModel, Any]:
     """Builds the `LinenModel` of `module` from its initial variables (arrays or shapes).
@@ -243,10 +225,16 @@ def linen_model(module: nn.Module, variables: PyTree, example_inputs: Any, *, mo
     variables.pop("intermediates", None)
     streams = list(rng_streams or ())
     train = mode.kwargs(True) if mode is not None else {}
+    switched = set()  # names of the BatchNorm / Dropout layers the model calls
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, (nn.BatchNorm, nn.Dropout)):
+            switched.add(type(context.module).__name__)
+        return next_fun(*args, **kwargs)
 
     def run(v, x):
         rngs = stream_keys(jax.random.key(0), streams)
-        with _batch_norm_axis(None):
+        with nn.intercept_methods(record), _batch_norm_axis(None):
             return module.apply(v, *call_args(x), rngs=rngs, mutable=True, **train)
 
     for _ in range(_MAX_RNG_STREAMS):
@@ -263,11 +251,10 @@ def linen_model(module: nn.Module, variables: PyTree, example_inputs: Any, *, mo
             streams.append(found.group(1))
     collections = tuple(sorted(c for c in variables if c != "params" and c in updated
                                and _same_shapes(variables[c], updated[c])))
-    if mode is None and train_kwarg == AUTO and \
-            _uses(module, variables, example_inputs, (nn.BatchNorm, nn.Dropout)):
+    if mode is None and train_kwarg == AUTO and switched:
         warnings.warn(
-            f"create_train_state: {type(module).__name__} has BatchNorm or Dropout layers but its "
-            f"__call__ takes none of the mode keywords {TRAIN_KEYWORDS + EVAL_KEYWORDS}, so jnn cannot "
+            f"create_train_state: {type(module).__name__} has {' and '.join(sorted(switched))} layers "
+            f"but its __call__ takes none of the mode keywords {TRAIN_KEYWORDS + EVAL_KEYWORDS}, so jnn cannot "
             f"switch it between training and evaluation: it runs as written in both. Fix: name the "
             f"keyword, create_train_state(..., train_kwarg='my_flag'), or pass train_kwarg=None if "
             f"the model sets its mode another way.", stacklevel=3)
