@@ -55,15 +55,9 @@ class Experiment:
     eval_data: Callable[[str], data_lib.Pipeline]
     loss_fn: Callable
     note: str | None
-    normalize: tuple = ()  # the deterministic preprocessing shared by train and eval pipelines
-    train_step: Callable | None = None  # jitted (state donated); default: from `loss_fn`
-    eval_step: Callable | None = None  # jitted; `build` adds a confusion matrix for classification
-
-    def __post_init__(self):
-        if self.train_step is None:
-            self.train_step = jax.jit(make_train_step(self.loss_fn, on_nonfinite="skip"), donate_argnums=0)
-        if self.eval_step is None:
-            self.eval_step = jax.jit(make_eval_step(self.loss_fn))
+    normalize: tuple  # the deterministic preprocessing shared by train and eval pipelines
+    train_step: Callable  # jitted (state donated), skipping non-finite steps as `fit` does
+    eval_step: Callable  # jitted; with a confusion matrix for classification
 
     def pipeline(self, arrays, *, train: bool = True) -> data_lib.Pipeline:
         """A pipeline over other arrays (e.g. a subset of classes) with this run's preprocessing.
