@@ -335,6 +335,9 @@ def test_tuple_inputs_are_positional_arguments_and_train_on_every_path():
 def test_tuple_inputs_that_do_not_fit_the_signature_are_refused():
     with pytest.raises(ValueError, match="positional arguments.*Fix: pass a list or a dict"):
         jnn.create_train_state(Embedder(), optax.sgd(0.1), (np.zeros((1, 5), np.int32),) * 2, 0)
+    # A second array would land in `train=`: refused, not passed as the mode flag.
+    with pytest.raises(ValueError, match="mode keyword 'train'.*Fix: pass a list or a dict"):
+        jnn.create_train_state(PlainBN(), optax.sgd(0.1), (np.zeros((1, F), np.float32),) * 2, 0)
 
 
 class ImageText(nn.Module):

@@ -121,7 +121,10 @@ def check_call_args(module: Any, inputs: Any, where: str) -> None:
     except (TypeError, ValueError):
         return
     try:
-        signature.bind_partial(*args)
+        bound = list(signature.bind_partial(*args).arguments)
+        mode = [name for name in bound if name in TRAIN_KEYWORDS + EVAL_KEYWORDS]
+        if mode:  # an input array would land in the train/eval keyword
+            raise TypeError(f"input {bound.index(mode[0])} would be passed as the mode keyword {mode[0]!r}")
     except TypeError as err:
         raise ValueError(
             f"{where}: the inputs are a tuple of {len(args)} arrays, which jnn passes as {len(args)} "
