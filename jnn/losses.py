@@ -98,9 +98,15 @@ def masked_mean(losses: Array, mask: Array | None = None) -> Array:
     losses = jnp.asarray(losses)
     if mask is None:
         return losses.mean()
+    total, weight = masked_sum(losses, mask)
+    return total / jnp.maximum(weight, 1e-12)
+
+
+def masked_sum(losses: Array, mask: Array) -> tuple[Array, Array]:
+    """`(sum of losses weighted by mask, total weight)`; masked-out elements are selected out, so a
+    NaN there does not count (0 * NaN would be NaN). Shared by `masked_mean` and the steps."""
     weights = mask_weights(mask, losses)
-    total = jnp.where(weights > 0, losses * weights, 0).sum()  # a select: 0 * NaN would be NaN
-    return total / jnp.maximum(weights.sum(), 1e-12)
+    return jnp.where(weights > 0, losses * weights, 0).sum(), weights.sum()
 
 
 def elbo_loss(outputs: Any, labels: Array) -> Array:

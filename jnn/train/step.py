@@ -248,9 +248,7 @@ def _weighted_sum(values: jax.Array, mask: jax.Array | None) -> tuple[jax.Array,
         return values, jnp.ones((), values.dtype)
     if mask is None:
         return values.sum(), jnp.asarray(values.size, values.dtype)
-    weights = losses_lib.mask_weights(mask, values)
-    # A select, not a product: 0 * NaN is NaN, and a padded example must not count at all.
-    return jnp.where(weights > 0, values * weights, 0).sum(), weights.sum()
+    return losses_lib.masked_sum(values, mask)
 
 
 def _invalid_labels_to_nan(losses: jax.Array, outputs: Any, labels: Any) -> jax.Array:
