@@ -321,7 +321,7 @@ def fit(
     eval_every = eval_every or max(num_steps // 10, 1)
     data = _TrainData(train_data, data_state, early_stopping, max_traces)
     step = int(jax.device_get(state.step))
-    log = _Log(writer, log_every, step,
+    log = _Log(writer, step,
                NonFiniteGuard(on_nonfinite, max_nonfinite) if on_nonfinite != "apply" else None)
     last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
 
@@ -431,8 +431,8 @@ class _Log:
     """The run's records: train metrics averaged per interval (with throughput and the non-finite
     guard), evaluations, the writer and the progress bar's summary."""
 
-    def __init__(self, writer, log_every: int, step: int, guard: NonFiniteGuard | None):
-        self.writer, self.log_every, self.guard = writer, log_every, guard
+    def __init__(self, writer, step: int, guard: NonFiniteGuard | None):
+        self.writer, self.guard = writer, guard
         self.history: list[dict] = []
         self.last_eval: dict | None = None
         self.pending: list[dict] = []
