@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     parallel.initialize(timeout_s=args.timeout, auto_detect=args.auto_detect)
     import jax
 
-    params = train(args)
+    with parallel.stop_all_on_failure("data_parallel.py"):  # a lost peer: one line, exit, no hang
+        params = train(args)
     if jax.process_index() == 0:
         print(f"{jax.process_count()} process(es) x {jax.local_device_count()} device(s), "
               f"mode {args.mode}: params checksum {checksum(params):.6f}", flush=True)

@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="stop at STEP with a checkpoint, as if preempted; continue with --resume")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: when stderr is a terminal)")
+    train.add_argument("--processes", type=int, default=1, metavar="N",
+                       help="run as N data-parallel processes on this machine, one CPU device each (a cluster "
+                            "starts one `jnn train` per host with JNN_COORDINATOR, JNN_NUM_PROCESSES, "
+                            "JNN_PROCESS_ID)")
+    train.add_argument("--timeout", type=int, default=None, metavar="S",
+                       help="multi-process runs: seconds to wait for the other processes to connect, and "
+                            "after which a silent process counts as dead (default 120)")
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split")
     ev.add_argument("run_dir")
@@ -86,7 +93,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(args, argv: list[str]) -> int:
+    """`--processes N`: this process starts N copies of the same command and owns them."""
+    from jnn.parallel import launch_local
+
+    if args.processes < 1:
+        raise ValueError(f"--processes {args.processes}: expected a positive number of processes.")
+    run_dir = [] if args.resume or args.run_dir else ["--run-dir", default_run_dir(args.preset or "digits", args.debug)]
+    child = [sys.executable, "-m", "jnn.cli", *argv, *run_dir]
+    return launch_local(child, args.processes, devices_per_process=1)
+
+
 def _train(args) -> int:
+    from jnn import parallel
+
+    timeout = {} if args.timeout is None else {"timeout_s": args.timeout}
+    if not parallel.initialize(**timeout):  # one process, or this one joined a multi-process run
+        return _train_process(args)
+    if not (args.resume or args.run_dir):
+        raise ValueError("a multi-process `jnn train` needs --run-dir DIR (or --resume DIR): every process must "
+                         "write the same run directory. Fix: pass the same --run-dir to every process.")
+    where = args.resume or args.run_dir
+    with parallel.stop_all_on_failure(
+            "jnn train", hint=f"Fix the first error printed, then continue from the last checkpoint with the same "
+                              f"processes: `jnn train --resume {where}`."):
+        return _train_process(args)
+
+
+def _train_process(args) -> int:
     from jnn import experiment
 
     if args.resume:
@@ -132,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "eval"):
             enable_compilation_cache()
         if args.command == "train":
+            if args.processes != 1 and "JNN_PROCESS_ID" not in os.environ:
+                return _launch(args, list(sys.argv[1:] if argv is None else argv))
             return _train(args)
         if args.command == "eval":
             from jnn import experiment

@@ -147,8 +147,9 @@ def build(config: Config) -> Experiment:
         augment.append(data_lib.Mixup(splits.num_classes, d.mixup))
     train_data = data_lib.Pipeline(splits.train, d.batch_size, seed=d.seed, augment=augment or None)
 
-    def eval_data(split: str) -> data_lib.Pipeline:
-        return data_lib.Pipeline(splits.split(split), d.eval_batch_size, train=False, augment=normalize or None)
+    def eval_data(split: str) -> data_lib.Pipeline:  # the whole split, in every process
+        return data_lib.Pipeline(splits.split(split), d.eval_batch_size, train=False, augment=normalize or None,
+                                 shard_index=0, shard_count=1)
 
     model = build_model(config, splits)
     optim = config.optim
@@ -159,18 +160,69 @@ def build(config: Config) -> Experiment:
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
     classification = splits.train["labels"].ndim == 1 and splits.num_classes > 1
-    train_step = jax.jit(make_train_step(loss_fn, on_nonfinite="skip"), donate_argnums=0)
+    train_step = make_train_step(loss_fn, on_nonfinite="skip")
     eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
     state = create_train_state(model, tx, example, config.train.seed)
+    if jax.process_count() > 1:
+        train_step, eval_step, state = _across_processes(train_step, eval_step, state)
+    else:
+        train_step = jax.jit(train_step, donate_argnums=0)
     return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize),
                       train_step, eval_step)
+
+
+def _across_processes(train_step, eval_step, state):
+    """A multi-process run (`jax.distributed` initialised): data parallel over every device.
+
+    Each process loads its own block of every batch (the train Pipeline's default shard is the
+    process index, so `data.batch_size` is per process) and the step is `parallel.data_parallel`
+    over all devices (replicated state). Evaluation needs no collective: every process evaluates
+    the whole split on its own replica, so every process takes the same early-stopping and
+    best-checkpoint decisions. Metrics come back as this process's copy.
+    """
+    from jnn import parallel
+
+    step = parallel.data_parallel(train_step, parallel.make_mesh())
+
+    def distributed_step(state, batch):
+        state, metrics = step(state, step.shard_batch(batch))
+        return state, _local(metrics)
+
+    def local_eval_step(state, batch):
+        return eval_step(_local(state), batch)
+
+    return distributed_step, local_eval_step, step.shard_state(state)
+
+
+def _local(tree):
+    """This process's copy of every replicated array of `tree` (tracers and local arrays as they are)."""
+    def local(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable:
+            return x.addressable_shards[0].data
+        return x
+
+    return jax.tree.map(local, tree)
+
+
+def _is_main() -> bool:
+    """Whether this process writes the run directory's files and prints (process 0)."""
+    return jax.process_index() == 0
+
+
+class _NoWriter:
+    def write(self, step, metrics, split="train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------ train / eval a run directory
 
 
 def _say(out, text: str) -> None:
-    print(text, file=out or sys.stdout, flush=True)  # sys.stdout looked up now, not at import
+    if _is_main():
+        print(text, file=out or sys.stdout, flush=True)  # sys.stdout looked up now, not at import
 
 
 def check_metric_names(exp: Experiment) -> None:
@@ -249,7 +301,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
     exp = build(config)  # any data or model error is raised here, before anything is written
     check_metric_names(exp)
     os.makedirs(run_dir, exist_ok=True)
-    if not resume:
+    if not resume and _is_main():
         with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(to_dict(config), f, indent=2)
     if exp.note:
@@ -267,7 +319,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
         _say(out, f"training {config.model.name} on {exp.splits.name} ({len(exp.splits.train['labels'])} train / "
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
-        writer = make_run_writers(run_dir, resume_step=int(state.step))
+        writer = make_run_writers(run_dir, resume_step=int(state.step)) if _is_main() else _NoWriter()
         eval_step = exp.eval_step  # one compiled eval step for validation and the final test
         try:
             result = fit(
@@ -276,7 +328,8 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                 eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
                 eval_every=t.eval_every, log_every=t.log_every,
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
-                writer=writer, checkpointer=checkpointer, data_state=data_state, progress=progress,
+                writer=writer, checkpointer=checkpointer, data_state=data_state,
+                progress=progress if _is_main() else False,
             )
             for record in result.history:
                 if record["split"] == "eval":
@@ -298,9 +351,9 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             writer.write(int(final.step), test, "test")
         finally:
             writer.close()
-    test_path = os.path.join(run_dir, TEST_FILE)
-    with open(test_path, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(test), f, indent=2)
+    if _is_main():
+        with open(os.path.join(run_dir, TEST_FILE), "w", encoding="utf-8") as f:
+            json.dump(_jsonable(test), f, indent=2)
     _say(out, _report_text(exp, test))
     seconds = time.perf_counter() - start
     _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(final.step)}); "

@@ -77,3 +77,75 @@ def test_checkpointing_loop_survives_20_sigkills_bit_for_bit(tmp_path):
     proc.communicate(timeout=300)
     want = np.load(str(straight) + ".final.npz")
     chex.assert_trees_all_equal([resumed[k] for k in sorted(resumed.files)], [want[k] for k in sorted(want.files)])
+
+
+
+JNN_TRAIN_STEPS = 400
+
+
+def _jnn_train(run, cache):
+    """`jnn train` of a debug digits run in `run`: `--resume` once it has a checkpoint, else the same
+    command again (a run killed before its first checkpoint starts over in place)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("JNN_")}, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": root,
+           "JNN_COMPILATION_CACHE": str(cache)}
+    ckpt = run / "checkpoints"
+    if ckpt.is_dir() and any(d.isdigit() for d in os.listdir(ckpt)):
+        args = ["--resume", str(run)]
+    else:
+        args = ["--debug", "--run-dir", str(run), "--set", f"train.steps={JNN_TRAIN_STEPS}",
+                "--set", "train.eval_every=8", "--set", "train.log_every=4"]
+    return subprocess.Popen([sys.executable, "-m", "jnn.cli", "train", "--no-progress", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _latest(run) -> int:
+    ckpt = run / "checkpoints"
+    return max((int(d) for d in os.listdir(ckpt) if d.isdigit()), default=0) if ckpt.is_dir() else 0
+
+
+def _final_params(run):
+    import jnn
+    from jnn import experiment
+
+    exp = experiment.build(experiment.read_config(str(run)))
+    with jnn.Checkpointer(run / "checkpoints") as ckpt:
+        state, _ = ckpt.restore(exp.state, step=JNN_TRAIN_STEPS)
+    return jax.tree.map(np.asarray, {"params": state.params, "opt_state": state.opt_state,
+                                     "model_state": state.model_state})
+
+
+@pytest.mark.slow
+def test_jnn_train_survives_20_sigkills_and_resumes_bit_for_bit(tmp_path):
+    """`jnn train` SIGKILLed 20 times and restarted each time ends with the same parameters,
+    optimizer state and test metrics as one uninterrupted run. Half the kills land at a random
+    moment of start-up (import, data, compile, restore), half during training (steps,
+    evaluations, saves and deletions of checkpoints)."""
+    run, cache = tmp_path / "killed", tmp_path / "xla-cache"
+    rng = np.random.default_rng(0)
+    stages = []
+    for i in range(KILLS):
+        proc = _jnn_train(run, cache)
+        if i % 2:  # during training: once it has saved a new checkpoint
+            before, deadline = _latest(run), time.monotonic() + 120
+            while _latest(run) == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(float(rng.uniform(0.0, 0.5)))
+        else:  # during start-up
+            time.sleep(float(rng.uniform(0.0, 3.0)))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, f"kill {i}: the run ended on its own: {err[-2000:]}"
+        stages.append(_latest(run))
+    proc = _jnn_train(run, cache)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    straight = tmp_path / "straight"
+    proc = _jnn_train(straight, cache)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    print(f"{KILLS} kills of jnn train; latest checkpoint step after each: {stages}")
+    assert len(set(stages)) >= 5  # the kills landed all along the run
+    chex.assert_trees_all_equal(_final_params(run), _final_params(straight))
+    assert (run / "test_metrics.json").read_text() == (straight / "test_metrics.json").read_text()

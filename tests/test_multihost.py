@@ -5,6 +5,7 @@ child gets 2 fake CPU devices, a coordinator on a free port and its process id, 
 block of every global batch.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from tests import tolerances as tol
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "data_parallel.py"
 STEPS, BATCH = 10, 64
-INIT_TIMEOUT_S = 3  # jax.distributed's initialization_timeout for the missing-peer test
+INIT_TIMEOUT_S = 5  # --timeout of the failure tests: peers' connection and heartbeat timeout
 HANG_LIMIT_S = 90  # a run slower than this is a hang (generous: 2 shared CPU cores)
 
 
@@ -58,19 +59,74 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
     print(f"2 processes x 2 devices vs 1 x 4: max abs error {err:.3g}")
 
 
-@pytest.mark.slow
-def test_missing_peer_fails_fast_without_hanging():
-    """Process 0 of 2 whose peer never starts exits non-zero soon after the init timeout."""
+def _jnn_train_env(port: int, process_id: int | None = None) -> dict:
     env = _clean_env()
-    env.update(JNN_COORDINATOR=f"127.0.0.1:{parallel.free_port()}", JNN_NUM_PROCESSES="2",
-               JNN_PROCESS_ID="0", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env.update(JNN_COORDINATOR=f"127.0.0.1:{port}", JNN_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", JNN_COMPILATION_CACHE="")
+    if process_id is not None:
+        env["JNN_PROCESS_ID"] = str(process_id)
+    return env
+
+
+JNN_TRAIN = [sys.executable, "-m", "jnn.cli", "train", "--debug", "--timeout", str(INIT_TIMEOUT_S)]
+
+
+@pytest.mark.slow
+def test_missing_peer_exits_with_a_jnn_message_within_timeout_plus_5_s(tmp_path):
+    """Process 1 of 2 whose coordinator never starts: one jnn line, PEER_EXIT_CODE, no hang."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "1", "--timeout", str(INIT_TIMEOUT_S)],
-                          env=env, capture_output=True, timeout=HANG_LIMIT_S)
+    proc = subprocess.run(JNN_TRAIN + ["--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                          env=_jnn_train_env(parallel.free_port(), 1), timeout=HANG_LIMIT_S)
     elapsed = time.monotonic() - start
-    assert proc.returncode != 0
-    print(f"missing peer: exit code {proc.returncode} after {elapsed:.1f} s")
+    print(f"missing peer: exit code {proc.returncode} after {elapsed:.1f} s (timeout {INIT_TIMEOUT_S} s)")
+    assert proc.returncode == parallel.PEER_EXIT_CODE, proc.stderr[-2000:]
+    assert "jnn: process 1 of 2: the 2 processes did not all connect" in proc.stderr
+    assert elapsed <= INIT_TIMEOUT_S + 5
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0], ids=["peer_killed", "coordinator_killed"])
+def test_process_killed_mid_run_stops_the_run_then_resume_continues(tmp_path, victim):
+    """SIGKILL one of 2 `jnn train` processes after its second checkpoint: the other exits at once
+    with a jnn message and PEER_EXIT_CODE (bounded by the timeout + 5 s, 0 hangs); then
+    `jnn train --processes 2 --resume` continues from the last checkpoint to the end."""
+    run = tmp_path / "run"
+    argv = JNN_TRAIN + ["--run-dir", str(run), "--set", "train.steps=300", "--set", "train.eval_every=50",
+                        "--set", "train.log_every=50"]
+    port = parallel.free_port()
+    procs = [subprocess.Popen(argv, env=_jnn_train_env(port, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        checkpoints = run / "checkpoints"
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while not (checkpoints.is_dir() and len([d for d in os.listdir(checkpoints) if d.isdigit()]) >= 2):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run did not get going"
+            time.sleep(0.05)
+        procs[victim].kill()
+        killed = time.monotonic()
+        _, err = procs[1 - victim].communicate(timeout=INIT_TIMEOUT_S + 5)
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    saved = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    print(f"{'coordinator' if victim == 0 else 'peer'} killed: the other exited with code "
+          f"{procs[1 - victim].returncode} after {elapsed:.2f} s; last checkpoint step {saved}")
+    assert procs[1 - victim].returncode == parallel.PEER_EXIT_CODE, err[-3000:]
+    assert f"jnn train: error: process {1 - victim} of 2:" in err
+    assert f"jnn train --resume {run}" in err
+
+    env = {k: v for k, v in _jnn_train_env(port).items() if not k.startswith("JNN_") or k == "JNN_COMPILATION_CACHE"}
+    resumed = subprocess.run([sys.executable, "-m", "jnn.cli", "train", "--processes", "2", "--timeout", "30",
+                              "--resume", str(run)], env=env, capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run} at step {saved}" in resumed.stdout
+    assert resumed.stdout.count("resumed") == 1  # process 0 alone prints
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["accuracy"] > 0.8
+    print(f"resumed from step {saved} to 300 with 2 processes: test accuracy {test['accuracy']:.4f}")
 
 
 def test_launcher_kills_the_others_when_one_fails():

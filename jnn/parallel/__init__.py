@@ -10,9 +10,11 @@ global batch:
 - `shard_map_train_step(...)`: `jax.shard_map` with explicit collectives, same layout as sharded jit.
 
 Multi-process runs: `initialize()` first, then `shard_batch` builds global batches from each
-process's part (`data_shard(mesh)` says which part). `launch_local` runs N processes on one machine.
+process's part (`data_shard(mesh)` says which part). `launch_local` runs N processes on one machine;
+`stop_all_on_failure` makes a failed process exit at once with one line instead of hanging.
 """
-from jnn.parallel._distributed import free_port, initialize, launch_local
+from jnn.parallel._distributed import (PEER_EXIT_CODE, free_port, initialize, launch_local,
+                                       stop_all_on_failure)
 from jnn.parallel._jit import DataParallelStep, data_parallel
 from jnn.parallel._mesh import (DATA_AXIS, MODEL_AXIS, batch_sharding, data_shard, fsdp_spec,
                                 make_mesh, process_count, process_index, replicate, replicated,
@@ -22,10 +24,11 @@ from jnn.parallel._pmap import (PMAP_AXIS, PmapStep, pmap_replicate, pmap_shard_
 from jnn.parallel._shard_map import ShardMapStep, shard_map_train_step
 
 __all__ = [
-    "DATA_AXIS", "MODEL_AXIS", "PMAP_AXIS",
+    "DATA_AXIS", "MODEL_AXIS", "PEER_EXIT_CODE", "PMAP_AXIS",
     "DataParallelStep", "PmapStep", "ShardMapStep",
     "batch_sharding", "data_parallel", "data_shard", "free_port", "fsdp_spec", "initialize",
     "launch_local", "make_mesh", "pmap_replicate", "pmap_shard_batch", "pmap_train_step",
     "pmap_unreplicate", "process_count", "process_index", "replicate", "replicated",
-    "shard_batch", "shard_map_train_step", "shard_state", "state_sharding", "to_host",
+    "shard_batch", "shard_map_train_step", "shard_state", "state_sharding", "stop_all_on_failure",
+    "to_host",
 ]

@@ -1,22 +1,33 @@
-"""Multi-process JAX: `initialize` (jax.distributed with short timeouts) and a local launcher.
+"""Multi-process JAX: `initialize`, `stop_all_on_failure` and a local launcher.
 
-A process that loses a peer (never started, crashed) is aborted by the JAX runtime with SIGABRT,
-which Python cannot catch; the timeouts here are short so that happens quickly, and
-`launch_local` owns its children and kills all of them when one fails.
+How a multi-process run fails, and what each piece here does about it:
+
+- A peer that never starts: JAX waits `initialization_timeout` plus about 5 s, then aborts with
+  SIGABRT. `initialize` watches the connection itself and, at `timeout_s`, prints one jnn line
+  saying what is missing and how to fix it, and exits with `PEER_EXIT_CODE`.
+- A peer that dies mid-run: the others' next collective fails at once (gloo: "Connection closed
+  by peer"), as a Python exception. `stop_all_on_failure` turns that into one jnn line and an
+  immediate exit with `PEER_EXIT_CODE` (the interpreter's normal exit would wait for JAX's
+  shutdown barrier, which the dead peer never reaches). A process that is between collectives is
+  aborted by JAX's heartbeat check after `heartbeat_timeout_s` (SIGABRT, JAX's message).
+- `launch_local` owns its children: when one fails it names it and kills the others.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 
 DEFAULT_TIMEOUT_S = 120
+PEER_EXIT_CODE = 3  # a multi-process run stopped because a process failed or never connected
 
 _ENV = {  # ours first, then JAX's / common launcher names
     "coordinator_address": ("JNN_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
@@ -62,6 +73,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     Returns:
       True if this process is now part of a multi-process run, False for a single process.
 
+    When the peers have not all connected after `timeout_s`, this process prints
+    "jnn: process I of N: ..." to stderr and exits with `PEER_EXIT_CODE` (JAX itself would abort
+    with SIGABRT about 5 s later).
+
     Raises:
       ValueError: if only some of address / count / id are given, or they are inconsistent.
     """
@@ -85,12 +100,62 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return False
     # Gloo only matters for the CPU client; harmless (and needed for CPU collectives) elsewhere.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        address, count, index, local_device_ids=local_device_ids,
-        initialization_timeout=int(timeout_s),
-        heartbeat_timeout_seconds=int(heartbeat_timeout_s or timeout_s),
-        shutdown_timeout_seconds=int(timeout_s))
+    connected = threading.Event()
+
+    def watchdog():  # connect() releases the GIL, so this thread runs while it waits
+        if not connected.wait(timeout_s):
+            _exit(f"jnn: process {index} of {count}: the {count} processes did not all connect to the "
+                  f"coordinator {address} within {timeout_s} s; expected every process 0..{count - 1} "
+                  f"to start with the same coordinator address and process count. Fix: start the "
+                  f"missing process(es), check that {address} is process 0's reachable address and "
+                  f"port, or allow more time (timeout_s / --timeout).")
+
+    threading.Thread(target=watchdog, name="jnn-initialize-watchdog", daemon=True).start()
+    try:
+        jax.distributed.initialize(
+            address, count, index, local_device_ids=local_device_ids,
+            initialization_timeout=int(timeout_s) + 1,  # the watchdog speaks first
+            heartbeat_timeout_seconds=int(heartbeat_timeout_s or timeout_s),
+            shutdown_timeout_seconds=int(timeout_s))
+    finally:
+        connected.set()
     return True
+
+
+def _exit(message: str, code: int = PEER_EXIT_CODE) -> None:
+    """Prints `message` and ends the process now, skipping JAX's shutdown barrier (which waits for
+    peers that may be gone)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+@contextlib.contextmanager
+def stop_all_on_failure(what: str = "jnn", *, hint: str = "") -> Iterator[None]:
+    """In a multi-process run, any exception ends this process at once with one line.
+
+    A failed process must not wait in JAX's shutdown barrier for peers that are gone, nor leave
+    the others blocked in a collective: it prints `"<what>: error: process I of N: <error>"` to
+    stderr and exits with `PEER_EXIT_CODE`; the other processes then fail at their next
+    collective and do the same. Outside a multi-process run it changes nothing.
+
+    Example:
+      >>> with jnn.parallel.stop_all_on_failure("train.py", hint="Resume with --resume."):
+      ...     train(args)
+
+    Args:
+      what: the program name that starts the line.
+      hint: what to do next, appended to the line.
+    """
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - every exit path of a multi-process run
+        if not jax.distributed.is_initialized() or isinstance(err, SystemExit) and not err.code:
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:500]
+        _exit(f"{what}: error: process {jax.process_index()} of {jax.process_count()}: "
+              f"{type(err).__name__}: {first}. In a multi-process run one process's failure stops "
+              f"them all (this one now; the others at their next collective). {hint}".rstrip())
 
 
 def _int(value: str | None, name: str) -> int | None:
@@ -146,9 +211,14 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             codes = [c.poll() for c in children]
-            failed = [code for code in codes if code not in (None, 0)]
+            failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                return failed[0]
+                i, code = failed[0]
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                running = sum(c is None for c in codes)
+                print(f"launch_local: process {i} of {num_processes} {how}; stopping the other "
+                      f"{running} running process(es).", file=sys.stderr, flush=True)
+                return code
             if all(code == 0 for code in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:
