@@ -11,9 +11,11 @@ half-deleted step that is still listed: `restore` then falls back from the newes
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -26,6 +28,7 @@ from jnn.train.state import TrainState
 log = logging.getLogger(__name__)
 
 _STATE, _DATA, _METRICS = "state", "data", "metrics"
+_OVERHEAD = 1 << 20  # bytes of orbax metadata and JSON items per checkpoint, generously
 
 
 class CheckpointError(ValueError):
@@ -95,6 +98,29 @@ def _with_arrays(template: TrainState, arrays: Mapping[str, Any]) -> TrainState:
     )
 
 
+def check_space(directory: str | os.PathLike, state: TrainState, copies: int = 1) -> int:
+    """Raises OSError(ENOSPC) unless the disk under `directory` holds `copies` checkpoints of `state`.
+
+    `Checkpointer.save` checks one copy before it writes anything, so a full disk is one clear
+    error, not a half-written step and orbax's tracebacks from every writer thread; `jnn train`
+    checks all the copies a run keeps before it trains. Returns the bytes one checkpoint needs
+    (the arrays' bytes plus 1 MiB for metadata; orbax stores arrays uncompressed).
+    """
+    one = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+              for x in jax.tree.leaves(jax.eval_shape(_arrays, state))) + _OVERHEAD
+    where = os.path.abspath(os.fspath(directory))
+    while not os.path.exists(where):  # the directory may not exist yet
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if free < copies * one:
+        raise OSError(errno.ENOSPC, (
+            f"not enough disk space for checkpoints in {os.fspath(directory)}: {copies} checkpoint(s) of "
+            f"{one / 2**20:.1f} MiB need {copies * one / 2**20:.1f} MiB, but {free / 2**20:.1f} MiB are free. "
+            f"Fix: free some space, write the run to a larger disk (--run-dir), or keep fewer "
+            f"checkpoints (train.keep)"))
+    return one
+
+
 class Checkpointer:
     """Saves and restores `TrainState` (+ data position) with an orbax `CheckpointManager`.
 
@@ -160,8 +186,13 @@ class Checkpointer:
 
     def save(self, state: TrainState, *, data_state: Mapping[str, Any] | None = None,
              metrics: Mapping[str, float] | None = None, force: bool = True) -> bool:
-        """Saves `state` at its own step. Returns whether a checkpoint was written."""
+        """Saves `state` at its own step. Returns whether a checkpoint was written.
+
+        Raises:
+          OSError: ENOSPC when the disk cannot hold the checkpoint (checked before writing).
+        """
         step = int(jax.device_get(state.step))
+        check_space(self.directory, state)
         items = {_STATE: ocp.args.StandardSave(_arrays(state))}
         if data_state is not None:
             items[_DATA] = ocp.args.JsonSave(dict(data_state))

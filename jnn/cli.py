@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -130,11 +129,7 @@ def _train_process(args) -> int:
             raise ValueError(f"--resume continues a run with the config it started with; got {', '.join(extra)} too. "
                              f"Fix: drop them (only --data-dir, --stop-at and --progress go with --resume), or "
                              f"start a new run.")
-        experiment.check_resumable(args.resume)
-        config = experiment.read_config(args.resume)
-        if args.data_dir:  # the data moved
-            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=args.data_dir))
-        experiment.train(config, args.resume, resume=True, progress=args.progress, stop_at=args.stop_at)
+        experiment.resume(args.resume, data_dir=args.data_dir, progress=args.progress, stop_at=args.stop_at)
         return 0
     name = args.preset or "digits"
     config = config_from_args(name, args)

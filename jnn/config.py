@@ -11,6 +11,7 @@ import dataclasses
 import json
 from typing import Any, Iterable, Mapping
 
+from jnn._names import unknown
 from jnn.optim import OptimConfig, check_fields
 
 
@@ -190,15 +191,15 @@ def override(config: Config, assignments: Iterable[str]) -> Config:
         if not sep or not dot or not field:
             raise ValueError(f"--set expects section.key=value, e.g. optim.learning_rate=3e-4; got {assignment!r}.")
         if section not in SECTIONS:
-            raise ValueError(f"--set {key}: unknown section {section!r}; valid keys: {', '.join(valid_keys())}.")
+            raise unknown("config key", key.strip(), valid_keys(), "Fix: --set one of them, as section.key=value.")
         current = getattr(config, section)
         value = _parse(raw.strip())
         names = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if section == "model" and field not in names:
             current = dataclasses.replace(current, kwargs={**current.kwargs, field: value})
         elif field not in names or field == "kwargs":
-            raise ValueError(f"--set {key}: unknown key {field!r} in section {section!r}; valid keys: "
-                             f"{', '.join(k for k in valid_keys() if k.startswith(section + '.'))}.")
+            raise unknown("config key", key.strip(), [k for k in valid_keys() if k.startswith(section + ".")],
+                          "Fix: --set one of them, as section.key=value.")
         else:
             current = dataclasses.replace(current, **{field: _coerce(value, _field_type(SECTIONS[section], field), key)})
         config = dataclasses.replace(config, **{section: current})
@@ -220,16 +221,16 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     for section, cls in SECTIONS.items():
         values = dict(data.get(section, {}))
         names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ValueError(f"config section {section!r} has unknown keys {unknown}; valid: {sorted(names)}.")
+        extra = sorted(set(values) - set(names))
+        if extra:
+            raise ValueError(f"config section {section!r} has unknown keys {extra}; valid: {sorted(names)}.")
         for name, value in values.items():
             if isinstance(value, list):
                 values[name] = tuple(value)
             elif name == "kwargs":  # JSON has no tuples; model attributes such as stage_sizes are
                 values[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         sections[section] = cls(**values)
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"config has unknown sections {unknown}; valid: {sorted(SECTIONS)}.")
+    extra = sorted(set(data) - set(SECTIONS))
+    if extra:
+        raise ValueError(f"config has unknown sections {extra}; valid: {sorted(SECTIONS)}.")
     return Config(**sections)

@@ -29,12 +29,13 @@ from jnn import data as data_lib
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
 from jnn import models as models_lib
-from jnn.checkpoint import Checkpointer, CheckpointError
+from jnn import optim as optim_lib
+from jnn.checkpoint import Checkpointer, CheckpointError, check_space
 from jnn.config import Config, from_dict, to_dict
 from jnn.optim import make_optimizer
 from jnn.train.loop import EarlyStopping, evaluate, fit
 from jnn.train.state import TrainState, create_train_state
-from jnn.train.step import make_eval_step, make_train_step
+from jnn.train.step import check_batch, make_eval_step, make_train_step
 from jnn.writers import make_run_writers
 
 CONFIG_FILE, TEST_FILE, CHECKPOINTS = "config.json", "test_metrics.json", "checkpoints"
@@ -225,16 +226,26 @@ def _say(out, text: str) -> None:
         print(text, file=out or sys.stdout, flush=True)  # sys.stdout looked up now, not at import
 
 
-def check_metric_names(exp: Experiment) -> None:
-    """Refuses a best-checkpoint or early-stopping metric the evaluation does not compute, before
-    anything trains or is written (found from the eval step's output, on shapes only)."""
+def check_run(exp: Experiment, stop_at: int | None = None) -> None:
+    """What would fail once training started, refused before anything trains or is written: a
+    first batch the model or loss cannot take (`check_batch`, with label values), a
+    best-checkpoint or early-stopping metric the evaluation does not compute (found from the eval
+    step's output, on shapes only), a `stop_at` past the run's end."""
     t = exp.config.train
+    if stop_at is not None and not 0 < stop_at < t.steps:
+        raise ValueError(f"--stop-at {stop_at}: expected a step in [1, train.steps={t.steps}); the run ends at "
+                         f"step {t.steps} anyway. Fix: pass a smaller --stop-at, or none.")
+    first = next(iter(exp.train_data.numpy_iterator()))  # the first batch, augmented, without threads
+    check_batch(exp.state, first, where="jnn train")
+    jax.eval_shape(make_train_step(exp.loss_fn), exp.state, first)  # the model and the loss take it
     n = min(len(exp.splits.train["labels"]), exp.config.data.eval_batch_size)
     batch = {**jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype), exp.splits.train),
              "mask": jax.ShapeDtypeStruct((n,), jnp.float32)}
     names = sorted(k for k, v in jax.eval_shape(exp.eval_step, exp.state, batch).items()
                    if k != "confusion")
-    for key, metric in (("train.best_metric", t.best_metric), ("train.early_stopping", t.early_stopping)):
+    plateau = optim_lib.plateau(exp.config.optim)
+    for key, metric in (("train.best_metric", t.best_metric), ("train.early_stopping", t.early_stopping),
+                        ("optim.plateau_metric", plateau.metric if plateau else None)):
         if metric and metric not in names:
             raise ValueError(f"{key}={metric!r} is not an evaluation metric of this run; expected one of "
                              f"{names}. Fix: --set {key}={'accuracy' if 'accuracy' in names else names[0]}.")
@@ -265,22 +276,7 @@ def read_config(run_dir: str) -> Config:
         return from_dict(json.load(f))
 
 
-def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool | None = None,
-          stop_at: int | None = None, out=None) -> dict[str, Any]:
-    """Trains `config` in `run_dir` (or resumes the run there), then evaluates on the test split.
-
-    `stop_at` ends the run early at that step, with a checkpoint, as a preempted job would (for
-    time-limited jobs); `resume=True` later continues it to `config.train.steps`, bit for bit.
-
-    Returns:
-      A summary: {"run_dir", "steps", "test": {...test metrics...}, "best": {...}, "seconds"}.
-
-    Raises:
-      RunDirError: `run_dir` already holds a run (without `resume`), or has nothing to resume.
-      CheckpointError: the checkpoint does not fit the config's model and optimizer.
-    """
-    start = time.perf_counter()
-    run_dir = os.path.abspath(run_dir)
+def _check_run_dir(config: Config, run_dir: str, resume: bool) -> None:
     if resume:
         check_resumable(run_dir)
         saved = read_config(run_dir)
@@ -297,17 +293,40 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             f"run directory {run_dir} already holds a run; refusing to overwrite it. "
             f"Fix: `jnn train --resume {run_dir}` to continue it, or choose another --run-dir.")
 
+
+def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool | None = None,
+          stop_at: int | None = None, out=None) -> dict[str, Any]:
+    """Trains `config` in `run_dir` (or resumes the run there), then evaluates on the test split.
+
+    `stop_at` ends the run early at that step, with a checkpoint, as a preempted job would (for
+    time-limited jobs); `resume=True` later continues it to `config.train.steps`, bit for bit.
+    Everything a user can get wrong (run directory, config, first batch, metric names, disk
+    space) is refused before anything is written.
+
+    Returns:
+      A summary: {"run_dir", "steps", "test": {...test metrics...} (None when stopped by
+      `stop_at`), "best": {...}, "stopped_early", "seconds", "history"}.
+
+    Raises:
+      RunDirError: `run_dir` already holds a run (without `resume`), or has nothing to resume.
+      CheckpointError: the checkpoint does not fit the config's model and optimizer.
+      OSError: the disk cannot hold the run's checkpoints (ENOSPC), or a file error.
+    """
+    start = time.perf_counter()
+    run_dir = os.path.abspath(run_dir)
+    _check_run_dir(config, run_dir, resume)
     threading.Thread(target=_import_writers, daemon=True).start()  # overlaps the compilation below
     exp = build(config)  # any data or model error is raised here, before anything is written
-    check_metric_names(exp)
+    check_run(exp, stop_at)
+    t = config.train  # the checkpoints the run keeps at once: keep, the best, and the one being written
+    check_space(os.path.join(run_dir, CHECKPOINTS), exp.state, copies=t.keep + 1 + (t.best_metric is not None))
     os.makedirs(run_dir, exist_ok=True)
     if not resume and _is_main():
         with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(to_dict(config), f, indent=2)
     if exp.note:
         _say(out, f"note: {exp.note}")
-    t = config.train
-    state, data_state = exp.state, None
+    state, data_state, test = exp.state, None, None
     with Checkpointer(os.path.join(run_dir, CHECKPOINTS), keep=t.keep, best_metric=t.best_metric,
                       best_mode=t.best_mode) as checkpointer:
         if resume:
@@ -320,46 +339,63 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
         writer = make_run_writers(run_dir, resume_step=int(state.step)) if _is_main() else _NoWriter()
-        eval_step = exp.eval_step  # one compiled eval step for validation and the final test
         try:
             result = fit(
                 state, exp.train_data, num_steps=t.steps, stop_at=stop_at, train_step=exp.train_step,
-                eval_step=eval_step,
+                eval_step=exp.eval_step,  # one compiled eval step for validation and the final test
                 eval_data=(lambda: exp.eval_data("val")) if len(exp.splits.val["labels"]) else None,
                 eval_every=t.eval_every, log_every=t.log_every,
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
                 writer=writer, checkpointer=checkpointer, data_state=data_state,
-                progress=progress if _is_main() else False,
+                progress=progress if _is_main() else False, plateau=optim_lib.plateau(config.optim),
             )
-            for record in result.history:
-                if record["split"] == "eval":
-                    _say(out, _line(record))
-            skipped = max((r.get("nonfinite", 0.0) for r in result.history if r["split"] == "train"), default=0.0)
-            if skipped:
-                _say(out, f"skipped {int(skipped)} step(s) with a non-finite loss or gradient (NaN/Inf in the "
-                          f"data, or a diverging run); none of them was applied")
-            if int(result.state.step) < t.steps and not result.stopped_early:  # --stop-at: preempted
-                _say(out, f"stopped at step {int(result.state.step)} of {t.steps}; continue with "
-                          f"`jnn train --resume {run_dir}`")
-                return {"run_dir": run_dir, "steps": int(result.state.step), "test": None, "best": result.best,
-                        "stopped_early": False, "seconds": time.perf_counter() - start, "history": result.history}
+            _say_history(out, result.history)
             final = result.state
-            best_step = checkpointer.best_step()
-            if best_step is not None and best_step != int(final.step):
-                final, _ = checkpointer.restore(result.state, step=best_step)  # exp.state was donated
-            test = evaluate(final, exp.eval_data("test"), eval_step)
-            writer.write(int(final.step), test, "test")
+            if int(final.step) >= t.steps or result.stopped_early:  # else --stop-at: preempted
+                best_step = checkpointer.best_step()
+                if best_step is not None and best_step != int(final.step):
+                    final, _ = checkpointer.restore(result.state, step=best_step)  # exp.state was donated
+                test = evaluate(final, exp.eval_data("test"), exp.eval_step)
+                writer.write(int(final.step), test, "test")
         finally:
             writer.close()
-    if _is_main():
-        with open(os.path.join(run_dir, TEST_FILE), "w", encoding="utf-8") as f:
-            json.dump(_jsonable(test), f, indent=2)
-    _say(out, _report_text(exp, test))
     seconds = time.perf_counter() - start
-    _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(final.step)}); "
-              f"{seconds:.1f} s; run directory {run_dir}")
+    if test is None:
+        _say(out, f"stopped at step {int(final.step)} of {t.steps}; continue with `jnn train --resume {run_dir}`")
+    else:
+        if _is_main():
+            with open(os.path.join(run_dir, TEST_FILE), "w", encoding="utf-8") as f:
+                json.dump(_jsonable(test), f, indent=2)
+        _say(out, _report_text(exp, test))
+        _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(final.step)}); "
+                  f"{seconds:.1f} s; run directory {run_dir}")
     return {"run_dir": run_dir, "steps": int(result.state.step), "test": test, "best": result.best,
             "stopped_early": result.stopped_early, "seconds": seconds, "history": result.history}
+
+
+def resume(run_dir: str, *, data_dir: str | None = None, progress: bool | None = None,
+           stop_at: int | None = None, out=None) -> dict[str, Any]:
+    """Continues the run in `run_dir` with the config it was started with (`train(..., resume=True)`).
+
+    Args:
+      data_dir: where the run's data is now, if it moved.
+      progress, stop_at, out: as for `train`.
+    """
+    check_resumable(run_dir)
+    config = read_config(run_dir)
+    if data_dir:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
+    return train(config, run_dir, resume=True, progress=progress, stop_at=stop_at, out=out)
+
+
+def _say_history(out, history: list[dict]) -> None:
+    for record in history:
+        if record["split"] == "eval":
+            _say(out, _line(record))
+    skipped = max((r.get("nonfinite", 0.0) for r in history if r["split"] == "train"), default=0.0)
+    if skipped:
+        _say(out, f"skipped {int(skipped)} step(s) with a non-finite loss or gradient (NaN/Inf in the data, or a "
+                  f"diverging run); none of them was applied")
 
 
 def _import_writers() -> None:
@@ -416,5 +452,5 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
     return test
 
 
-__all__ = ["Experiment", "RunDirError", "CheckpointError", "build", "check_resumable", "evaluate_run", "load_data", "read_config",
-           "resize_images", "train"]
+__all__ = ["Experiment", "RunDirError", "CheckpointError", "build", "check_resumable", "check_run", "evaluate_run",
+           "load_data", "read_config", "resize_images", "resume", "train"]

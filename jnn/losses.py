@@ -6,7 +6,6 @@ mask is handled in one place. `masked_mean` does the same reduction for use outs
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from typing import Any, Callable
@@ -14,6 +13,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+
+from jnn._names import unknown
 
 Array = jax.Array
 
@@ -142,14 +143,12 @@ def get(name: str, **kwargs: Any) -> Callable[[Any, Array], Array]:
       ValueError: for an unknown name, listing the valid ones.
     """
     if name not in _LOSSES:
-        close = difflib.get_close_matches(name, _LOSSES, n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"unknown loss {name!r}; expected one of {names()}.{hint}")
+        raise unknown("loss", name, names())
     fn = _LOSSES[name]
     accepted = inspect.signature(fn).parameters
-    unknown = sorted(k for k in kwargs if k not in accepted or accepted[k].kind != inspect.Parameter.KEYWORD_ONLY)
-    if unknown:
+    extra = sorted(k for k in kwargs if k not in accepted or accepted[k].kind != inspect.Parameter.KEYWORD_ONLY)
+    if extra:
         options = [k for k, p in accepted.items() if p.kind == inspect.Parameter.KEYWORD_ONLY]
-        raise ValueError(f"loss {name!r} takes no option(s) {unknown}; it takes {options or 'none'}. "
+        raise ValueError(f"loss {name!r} takes no option(s) {extra}; it takes {options or 'none'}. "
                          f"Fix: drop them (label_smoothing applies to the cross-entropy losses).")
     return functools.partial(fn, **kwargs) if kwargs else fn

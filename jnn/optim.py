@@ -7,17 +7,23 @@ optimizer state and the train step reports it as the "learning_rate" metric.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
+from jnn._names import unknown
 
 PyTree = Any
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lamb")
-SCHEDULES = ("constant", "warmup_cosine", "cosine", "piecewise", "step", "exponential", "one_cycle", "linear")
+SCHEDULES = ("constant", "warmup_cosine", "cosine", "piecewise", "step", "exponential", "one_cycle", "linear",
+             "plateau")
+PLATEAU_MODES = ("min", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,14 @@ class OptimConfig:
         (`optax.MultiSteps`).
       frozen: regular expressions on "/"-joined parameter paths whose parameters are not updated
         (transfer learning), e.g. `("^backbone/",)`.
+      l2: the classic L2 penalty `l2 / 2 * sum(w ** 2)` on the loss, for any optimizer: its
+        gradient `l2 * w` joins the loss gradient before clipping and before the optimizer's
+        moments (unlike AdamW's decoupled `weight_decay`). Masked like `weight_decay`
+        (`decay_mask`). The reported loss is the data term.
+      plateau_metric, plateau_mode, plateau_factor, plateau_patience: for `schedule="plateau"`:
+        the learning rate is multiplied by `plateau_factor` when the evaluation metric
+        `plateau_metric` has not improved (`plateau_mode` "min" or "max") for `plateau_patience`
+        evaluations (see `Plateau`; `jnn.fit` and `jnn train` drive it).
     """
 
     name: str = "adam"
@@ -67,6 +81,11 @@ class OptimConfig:
     clip_norm: float | None = None
     accumulate_steps: int = 1
     frozen: tuple[str, ...] = ()
+    l2: float = 0.0
+    plateau_metric: str = "loss"
+    plateau_mode: str = "min"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
 
     def __post_init__(self):
         check_fields("OptimConfig", self, {
@@ -84,6 +103,10 @@ class OptimConfig:
             "decay_mask": (self.decay_mask in ("auto", "all"), "'auto' or 'all'"),
             "clip_norm": (self.clip_norm is None or self.clip_norm > 0, "> 0 or None"),
             "accumulate_steps": (self.accumulate_steps >= 1, ">= 1"),
+            "l2": (self.l2 >= 0, ">= 0"),
+            "plateau_mode": (self.plateau_mode in PLATEAU_MODES, "'min' or 'max'"),
+            "plateau_factor": (0 < self.plateau_factor < 1, "in (0, 1)"),
+            "plateau_patience": (self.plateau_patience >= 1, ">= 1"),
         })
 
 
@@ -96,12 +119,6 @@ def check_fields(where: str, config: Any, rules: dict[str, tuple[bool, str]]) ->
         if not ok:
             raise ValueError(f"{where}: {field}={getattr(config, field)!r}; expected {field} {expected}. "
                              f"Fix: choose {field} {expected} (in a config file or with --set).")
-
-
-def _unknown(kind: str, name: str, valid) -> ValueError:
-    close = difflib.get_close_matches(name, valid, n=2)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}; expected one of {list(valid)}.{hint}")
 
 
 def _need_total_steps(config: OptimConfig) -> int:
@@ -122,7 +139,7 @@ def make_schedule(config: OptimConfig) -> optax.Schedule:
     lr, warmup = config.learning_rate, config.warmup_steps
     name = config.schedule
     if name not in SCHEDULES:
-        raise _unknown("schedule", name, SCHEDULES)
+        raise unknown("schedule", name, SCHEDULES)
     if name == "warmup_cosine":
         total = _need_total_steps(config)
         if total <= warmup:
@@ -132,7 +149,7 @@ def make_schedule(config: OptimConfig) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, config.end_learning_rate)
     if name == "one_cycle":
         return optax.cosine_onecycle_schedule(_need_total_steps(config), lr)
-    if name == "constant":
+    if name in ("constant", "plateau"):  # plateau: a constant rate that `Plateau` scales
         main = optax.constant_schedule(lr)
     elif name == "cosine":
         total = _need_total_steps(config)
@@ -191,7 +208,7 @@ def _base_optimizer(config: OptimConfig) -> Callable[..., optax.GradientTransfor
     if name == "lamb":
         return lambda learning_rate: optax.lamb(learning_rate, config.b1, config.b2, config.eps,
                                                 weight_decay=wd, mask=mask)
-    raise _unknown("optimizer", name, OPTIMIZERS)
+    raise unknown("optimizer", name, OPTIMIZERS)
 
 
 def make_optimizer(config: OptimConfig | None = None, **overrides: Any) -> optax.GradientTransformation:
@@ -202,23 +219,27 @@ def make_optimizer(config: OptimConfig | None = None, **overrides: Any) -> optax
       ...                                         warmup_steps=100, total_steps=1000, clip_norm=1.0))
 
     Returns:
-      `clip -> optimizer(schedule) -> freeze`, wrapped in `optax.MultiSteps` when
-      `accumulate_steps > 1`.
+      `l2 -> clip -> optimizer(schedule) -> plateau scale -> freeze`, wrapped in `optax.MultiSteps`
+      when `accumulate_steps > 1`.
 
     Raises:
       ValueError: for unknown optimizer or schedule names, listing the valid ones.
     """
     config = dataclasses.replace(config or OptimConfig(), **overrides)
     if config.name not in OPTIMIZERS:
-        raise _unknown("optimizer", config.name, OPTIMIZERS)
+        raise unknown("optimizer", config.name, OPTIMIZERS)
     if config.decay_mask not in ("auto", "all"):
         raise ValueError(f"decay_mask must be 'auto' or 'all'; got {config.decay_mask!r}.")
     if config.accumulate_steps < 1:
         raise ValueError(f"accumulate_steps must be >= 1; got {config.accumulate_steps}.")
     schedule = make_schedule(config)
     tx = optax.inject_hyperparams(_base_optimizer(config))(learning_rate=schedule)
+    if config.schedule == "plateau":
+        tx = optax.chain(tx, plateau(config).transform())
     if config.clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+    if config.l2:  # the penalty's gradient is part of the loss gradient: before anything else
+        tx = optax.chain(optax.add_decayed_weights(config.l2, None if config.decay_mask == "all" else decay_mask), tx)
     if config.frozen:
         patterns = tuple(config.frozen)
         tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
@@ -226,3 +247,131 @@ def make_optimizer(config: OptimConfig | None = None, **overrides: Any) -> optax
     if config.accumulate_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.accumulate_steps)
     return tx
+
+
+# ------------------------------------------------------------------ reduce on plateau
+
+
+class PlateauState(NamedTuple):
+    """The learning-rate scale of a `Plateau` and its counters, in the optimizer state (so
+    checkpoints keep them and a resumed run continues them)."""
+
+    scale: jax.Array  # float32: what every update is multiplied by
+    best: jax.Array  # float32: the best metric so far, as a value to minimise (+inf at first)
+    bad_evals: jax.Array  # int32: evaluations since the last improvement
+    cooldown_left: jax.Array  # int32: evaluations still ignored after a reduction
+
+
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """Reduce the learning rate when an evaluation metric stops improving (Keras' and PyTorch's
+    ReduceLROnPlateau).
+
+    `optax.contrib.reduce_on_plateau` reads a value at every step (the training loss) and only
+    minimises: negating a metric to maximise it turns its relative tolerance around (an
+    accuracy that did not change counts as an improvement). This one is driven by the
+    evaluation and takes a mode, with the same rule otherwise (improved when better than the best
+    by more than `atol + rtol * |best|`; reduce after `patience` evaluations without; then
+    `cooldown` evaluations ignored). Put `transform()` in the optimizer chain and pass the same
+    `Plateau` to `jnn.fit(..., plateau=...)`, which calls `update` after every evaluation.
+
+    Example:
+      >>> plateau = jnn.optim.Plateau("accuracy", mode="max", factor=0.5, patience=2)
+      >>> tx = optax.chain(optax.adam(1e-3), plateau.transform())
+      >>> state = jnn.create_train_state(model, tx, x[:1], 0)
+      >>> result = jnn.fit(state, data, num_steps=1000, loss_fn="cross_entropy", eval_data=val,
+      ...                  eval_every=100, plateau=plateau)
+
+    Attributes:
+      metric: the evaluation metric to watch ("loss", "accuracy", ...).
+      mode: "min" (lower is better) or "max".
+      factor: multiply the learning rate by this when the metric plateaus, in (0, 1).
+      patience: evaluations without improvement before reducing.
+      cooldown: evaluations ignored after a reduction.
+      rtol, atol: an improvement must beat the best value by more than `atol + rtol * |best|`.
+      min_scale: never scale the learning rate below this fraction of its schedule.
+    """
+
+    metric: str = "loss"
+    mode: str = "min"
+    factor: float = 0.5
+    patience: int = 3
+    cooldown: int = 0
+    rtol: float = 1e-4
+    atol: float = 0.0
+    min_scale: float = 0.0
+
+    def __post_init__(self):
+        check_fields("Plateau", self, {
+            "mode": (self.mode in PLATEAU_MODES, "'min' or 'max'"),
+            "factor": (0 < self.factor < 1, "in (0, 1)"),
+            "patience": (self.patience >= 1, ">= 1"),
+            "cooldown": (self.cooldown >= 0, ">= 0"),
+            "rtol": (self.rtol >= 0, ">= 0"),
+            "atol": (self.atol >= 0, ">= 0"),
+            "min_scale": (0 <= self.min_scale <= 1, "in [0, 1]"),
+        })
+
+    def transform(self) -> optax.GradientTransformation:
+        """Scales every update by the current factor (1 until the first reduction)."""
+        def init(params):
+            del params
+            return PlateauState(jnp.ones((), jnp.float32), jnp.full((), jnp.inf, jnp.float32),
+                                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+        def update(updates, state, params=None):
+            del params
+            return jax.tree.map(lambda u: (u * state.scale).astype(u.dtype), updates), state
+
+        return optax.GradientTransformation(init, update)
+
+    def advance(self, state: PlateauState, value: float) -> PlateauState:
+        """The state after one evaluation whose metric is `value` (host arithmetic, no compile)."""
+        value = value if self.mode == "min" else -value
+        scale, best, bad, cooldown = (_host(x) for x in state)
+        improved = value < best - self.atol - self.rtol * abs(best) if math.isfinite(best) else value < best
+        best, bad = (value, 0) if improved else (best, bad + 1)
+        if cooldown > 0:  # just reduced: ignore this evaluation's verdict
+            bad, cooldown = 0, cooldown - 1
+        elif bad >= self.patience:
+            scale, bad, cooldown = max(scale * self.factor, self.min_scale), 0, self.cooldown
+        return PlateauState(*(_like(v, x) for v, x in zip((scale, best, bad, cooldown), state)))
+
+    def update(self, opt_state: PyTree, metrics: Any) -> PyTree:
+        """`opt_state` with every `PlateauState` advanced by one evaluation's `metrics[self.metric]`.
+
+        Raises:
+          ValueError: the metric is not among `metrics`.
+        """
+        if self.metric not in metrics:
+            raise ValueError(f"Plateau: metric {self.metric!r} is not among the evaluation metrics "
+                             f"{sorted(metrics)}. Fix: Plateau(metric=<one of them>).")
+        value = float(metrics[self.metric])
+        return jax.tree.map(lambda x: self.advance(x, value) if isinstance(x, PlateauState) else x, opt_state,
+                            is_leaf=lambda x: isinstance(x, PlateauState))
+
+
+def _host(x) -> float | int:
+    """A scalar's value; on several processes, from this process's replica."""
+    x = x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+    return np.asarray(x).item()
+
+
+def _like(value, x):
+    """`value` as an array placed like `x` (a global array stays global on several processes)."""
+    value = np.asarray(value, x.dtype)
+    return jax.device_put(value, x.sharding) if isinstance(x, jax.Array) else jnp.asarray(value)
+
+
+def plateau(config: OptimConfig) -> Plateau | None:
+    """The `Plateau` of a config with `schedule="plateau"` (None for other schedules)."""
+    if config.schedule != "plateau":
+        return None
+    return Plateau(config.plateau_metric, config.plateau_mode, config.plateau_factor, config.plateau_patience)
+
+
+def plateau_scale(opt_state: PyTree) -> jax.Array | None:
+    """The current scale of the `Plateau` in `opt_state` (None without one)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PlateauState))
+             if isinstance(x, PlateauState)]
+    return found[0].scale if found else None

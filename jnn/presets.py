@@ -6,9 +6,9 @@ batch, widths) so it finishes in seconds: the variant the tests and CI run.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Callable
 
+from jnn._names import unknown
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig
 
@@ -165,9 +165,7 @@ def get(name: str, *, debug: bool = False) -> Config:
       ValueError: for an unknown name, listing the valid ones.
     """
     if name not in _PRESETS:
-        close = difflib.get_close_matches(name, _PRESETS, n=2)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown preset {name!r}; expected one of {names()}.{hint}")
+        raise unknown("preset", name, names())
     config = _PRESETS[name]()
     if not debug:
         return config

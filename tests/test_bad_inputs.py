@@ -122,3 +122,42 @@ def test_a_bad_metric_name_is_refused_before_the_run_directory_is_written(tmp_pa
     assert "train.best_metric='acc' is not an evaluation metric" in err and "['accuracy', 'loss']" in err
     assert not run.exists()  # nothing to get stuck on: the same directory starts a good run
     assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=4"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.loss=mse"], r"mean_squared_error: predictions have shape \(16, 10\) but targets have shape \(16,\)"),
+    (["--stop-at", "100"], r"--stop-at 100: expected a step in \[1, train.steps=8\)"),
+], ids=["loss_does_not_fit_the_labels", "stop_at_past_the_end"])
+def test_errors_that_used_to_come_after_training_started_come_before_the_run_directory(tmp_path, capsys,
+                                                                                        args, message):
+    from jnn import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not run.exists()
+
+
+def test_a_full_disk_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """`jnn train` with too little space for its checkpoints: exit 2, one line naming the sizes and
+    the fix, no traceback, no run directory; and `Checkpointer.save` refuses before writing."""
+    import shutil
+
+    from jnn import cli
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(r"jnn train: error: \[Errno 28\] not enough disk space for checkpoints in .*run/checkpoints: "
+                     r"4 checkpoint\(s\) of 1\.\d MiB need \d\.\d MiB, but 1\.0 MiB are free\. Fix: ", err), err
+    assert not run.exists()
+
+    state = jnn.create_train_state(jnn.models.MLP(hidden_sizes=(4,), num_classes=C), optax.sgd(0.1), X[:1], 0)
+    with jnn.Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(OSError, match="not enough disk space") as info:
+            ckpt.save(state)
+        assert info.value.errno == 28 and ckpt.all_steps() == []
+    assert not [p for p in (tmp_path / "ckpt").iterdir()]  # not even a temporary step folder

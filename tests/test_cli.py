@@ -77,7 +77,7 @@ def test_presets_and_models_are_listed(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "resnet"], "unknown preset 'resnet'; expected one of"),
-    (["train", "--debug", "--set", "optim.lr=1"], "unknown key 'lr' in section 'optim'; valid keys"),
+    (["train", "--debug", "--set", "optim.lr=1"], "unknown config key 'optim.lr'; expected one of ['optim.name'"),
     (["train", "--debug", "--set", "model.depth=3"], "has no attribute(s) ['depth']. Valid overrides"),
     (["train", "--preset", "mlp_mnist", "--debug", "--data-dir", "{tmp}/nothing"], "train-images-idx3-ubyte"),
     (["train", "--preset", "lenet5_cifar10", "--debug", "--data-dir", "{tmp}/empty"], "cifar"),
@@ -151,3 +151,22 @@ def test_a_restore_error_is_one_line_without_tracebacks(tmp_path, capfd):
     err = capfd.readouterr().err  # file-descriptor level: orbax's and asyncio's logs included
     assert code == 2 and "Traceback" not in err and "Event loop is closed" not in err
     assert err.count("\n") == 1 and "params/" in err and "checkpoint (" in err
+
+
+def test_plateau_schedule_and_l2_from_the_command_line(tmp_path, capsys):
+    """`--set optim.schedule=plateau` lowers the rate after evaluations that do not improve the
+    metric (mode "max" on the loss: every one after the first), and `optim.l2` trains."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=12", "--set",
+                     "train.eval_every=4", "--set", "train.log_every=2", "--set", "optim.schedule=plateau",
+                     "--set", "optim.plateau_mode=max", "--set", "optim.plateau_patience=1",
+                     "--set", "optim.l2=1e-4"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["learning_rate"] for r in records if r["split"] == "train"]
+    lr = presets.get("digits", debug=True).optim.learning_rate
+    assert rates == pytest.approx([lr] * 4 + [lr / 2] * 2)  # halved by the evaluation at step 8
+    capsys.readouterr()
+    assert cli.main(["train", "--debug", "--run-dir", str(tmp_path / "bad"), "--set", "optim.schedule=plateau",
+                     "--set", "optim.plateau_metric=acc"]) == 2
+    assert "optim.plateau_metric='acc' is not an evaluation metric" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -18,8 +18,8 @@ def test_override_coerces_types():
 
 
 @pytest.mark.parametrize("assignment, match", [
-    ("optim.learning_rat=1", r"unknown key 'learning_rat' in section 'optim'; valid keys: optim.name, optim.learning_rate"),
-    ("optimizer.name=sgd", r"unknown section 'optimizer'; valid keys: model.name"),
+    ("optim.learning_rat=1", r"unknown config key 'optim.learning_rat'; expected one of \['optim.name', 'optim.learning_rate'.*Did you mean 'optim.learning_rate'"),
+    ("optimizer.name=sgd", r"unknown config key 'optimizer.name'; expected one of \['model.name'"),
     ("train.steps=many", r"train.steps: expected int; got 'many'"),
     ("data.normalize=maybe", r"expected true or false"),
     ("learning_rate", r"expects section.key=value"),

@@ -82,3 +82,10 @@ def test_char_model_example_trains_and_samples(name, tmp_path):
     assert len(sample) == num_chars
     assert set(sample) <= set(summary["vocab"])
     assert (tmp_path / name / "sample.txt").read_text(encoding="utf-8") == sample
+
+
+def test_regularization_example_prints_every_variant(capsys):
+    rows = _load("regularization").main(["--debug"])
+    assert [r["variant"] for r in rows] == ["baseline", "early stopping", "augmentation", "L2 penalty", "plateau"]
+    assert all(math.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert "train acc test acc" in capsys.readouterr().out

@@ -191,3 +191,47 @@ def test_max_traces_names_the_batch_entry_whose_shape_changed():
         fit(_state(), batches, num_steps=3, loss_fn=CE, log_every=1, max_traces=1)
     result = fit(_state(), _small_batches(3), num_steps=3, loss_fn=CE, log_every=1, max_traces=1)
     assert int(result.state.step) == 3
+
+
+def _plateau_state(plateau):
+    train, _ = _splits()
+    tx = optax.chain(optax.inject_hyperparams(optax.adam)(learning_rate=3e-3), plateau.transform())
+    return jnn.create_train_state(TinyBNDropout(classes=10, width=32, rate=0.1), tx, train["inputs"][:1],
+                                  jax.random.key(0))
+
+
+def test_fit_lowers_the_learning_rate_on_plateaus_and_a_resumed_run_continues_it(tmp_path):
+    # mode="max" on the loss: every evaluation after the first "fails to improve" (the loss falls).
+    plateau = jnn.optim.Plateau("loss", mode="max", factor=0.5, patience=1)
+    train, val = _splits()
+    pipeline = lambda: jnn.data.Pipeline(train, 32, seed=3, augment=None)
+    evaluation = lambda: jnn.data.Pipeline(val, 64, train=False)
+    kwargs = dict(num_steps=24, loss_fn=CE, eval_data=evaluation, eval_every=6, log_every=3, progress=False,
+                  plateau=plateau)
+    straight = fit(_plateau_state(plateau), pipeline(), **kwargs)
+    rates = {r["step"]: r["learning_rate"] for r in straight.history if r["split"] == "train"}
+    assert [rates[s] for s in (3, 6, 9, 12, 15, 18, 21, 24)] == pytest.approx(
+        [3e-3, 3e-3, 3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4, 7.5e-4])  # halved after the evaluations at 12, 18
+    assert float(jnn.optim.plateau_scale(straight.state.opt_state)) == 0.125  # and at 24
+
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        fit(_plateau_state(plateau), pipeline(), checkpointer=ckpt, **{**kwargs, "num_steps": 12})
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        state, data_state = ckpt.restore(_plateau_state(plateau))
+    assert float(jnn.optim.plateau_scale(state.opt_state)) == 0.5  # the evaluation at 12 was saved with it
+    resumed = fit(state, pipeline(), data_state=data_state, **kwargs).state
+    chex.assert_trees_all_equal(resumed.params, straight.state.params)
+    chex.assert_trees_all_equal(resumed.opt_state, straight.state.opt_state)
+
+
+def test_a_plateau_needs_both_halves_and_evaluation_data():
+    plateau = jnn.optim.Plateau()
+    train, val = _splits()
+    data = jnn.data.Pipeline(train, 32)
+    evaluation = jnn.data.Pipeline(val, 64, train=False)
+    with pytest.raises(ValueError, match=r"no plateau= to drive it.*Fix: pass the same Plateau"):
+        fit(_plateau_state(plateau), data, num_steps=2, loss_fn=CE, eval_data=evaluation)
+    with pytest.raises(ValueError, match=r"has no plateau.transform\(\) in its chain"):
+        fit(_state(), data, num_steps=2, loss_fn=CE, eval_data=evaluation, plateau=plateau)
+    with pytest.raises(ValueError, match=r"plateau= watches an evaluation metric, but no eval_data"):
+        fit(_plateau_state(plateau), data, num_steps=2, loss_fn=CE, plateau=plateau)

@@ -104,3 +104,61 @@ def test_frozen_parameters_do_not_move():
     updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
     chex.assert_trees_all_equal(updates["dense"], jax.tree.map(jnp.zeros_like, PARAMS["dense"]))
     assert float(jnp.abs(updates["norm"]["scale"]).min()) > 0
+
+
+def test_l2_is_the_gradient_of_the_textbook_penalty():
+    """`l2=λ` makes one step of any optimizer the step on `loss + λ/2 * sum(w**2)` over the decayed
+    parameters (kernels), with the penalty's gradient before clipping and the optimizer."""
+    lam, lr = 0.3, 0.1
+    params = {"dense": {"kernel": jnp.arange(6.0).reshape(3, 2) / 6, "bias": jnp.ones((2,))}}
+    data_loss = lambda p: jnp.sum(jnp.tanh(p["dense"]["kernel"]) ** 2) + jnp.sum(p["dense"]["bias"] ** 3)
+    penalised = lambda p: data_loss(p) + lam / 2 * jnp.sum(p["dense"]["kernel"] ** 2)
+    for name, hand in (("sgd", optax.sgd(lr)), ("adam", optax.adam(lr))):
+        tx = make_optimizer(OptimConfig(name, lr, momentum=0.0, l2=lam))
+        updates, _ = tx.update(jax.grad(data_loss)(params), tx.init(params), params)
+        want, _ = hand.update(jax.grad(penalised)(params), hand.init(params), params)
+        chex.assert_trees_all_close(updates, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"l2=-1.0; expected l2 >= 0"):
+        OptimConfig("sgd", 0.1, l2=-1.0)
+
+
+def test_plateau_follows_optax_reduce_on_plateau_on_evaluation_metrics():
+    plateau = optim.Plateau("loss", mode="min", factor=0.5, patience=2)
+    tx = optax.chain(optax.sgd(1.0), plateau.transform())
+    state = tx.init(PARAMS)
+    reference = optax.contrib.reduce_on_plateau(factor=0.5, patience=2)
+    ref_state = reference.init(PARAMS)
+    scales = []
+    for value in [1.0, 0.8, 0.9, 0.85, 0.81, 0.7, 0.75, 0.72, 0.71]:
+        state = plateau.update(state, {"loss": value, "accuracy": 0.5})
+        _, ref_state = reference.update({}, ref_state, value=value)
+        scales.append(float(optim.plateau_scale(state)))
+        assert scales[-1] == float(ref_state.scale)
+    assert scales == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    updates, _ = tx.update(grads, state, PARAMS)
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.25 * g, grads))
+    maximise = optim.Plateau("accuracy", mode="max", factor=0.5, patience=1)
+    state = optax.chain(optax.sgd(1.0), maximise.transform()).init(PARAMS)
+    for value in [0.5, 0.6, 0.6]:  # the last does not improve: halve
+        state = maximise.update(state, {"accuracy": value})
+    assert float(optim.plateau_scale(state)) == 0.5
+    with pytest.raises(ValueError, match=r"metric 'accuracy' is not among the evaluation metrics \['loss'\]"):
+        maximise.update(state, {"loss": 1.0})
+    with pytest.raises(ValueError, match=r"factor=1.5; expected factor in \(0, 1\)"):
+        optim.Plateau(factor=1.5)
+
+
+def test_plateau_schedule_from_config_scales_the_reported_learning_rate():
+    config = OptimConfig("adam", 1e-2, schedule="plateau", plateau_metric="accuracy", plateau_mode="max",
+                         plateau_factor=0.1, plateau_patience=1)
+    plateau = optim.plateau(config)
+    assert plateau == optim.Plateau("accuracy", "max", 0.1, 1)
+    assert optim.plateau(OptimConfig()) is None
+    tx = make_optimizer(config)
+    state = tx.init(PARAMS)
+    for value in [0.5, 0.4]:
+        state = plateau.update(state, {"accuracy": value})
+    assert float(optim.plateau_scale(state)) == pytest.approx(0.1)
+    from jnn.train.step import _learning_rate
+    assert float(_learning_rate(state)) == pytest.approx(1e-3)

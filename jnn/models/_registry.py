@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 import flax.linen as nn
 
+from jnn._names import unknown
 from jnn.models._cnn import CNN, DigitsCNN, LeNet5
 from jnn.models._dcgan import Discriminator, Generator
 from jnn.models._generative import VAE
@@ -178,9 +178,7 @@ def spec(name: str) -> ModelSpec:
       ValueError: unknown name; the message lists the valid names and close matches.
     """
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, names(), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(names())}.")
+        raise unknown("model", name, names())
     return _REGISTRY[name]
 
 
@@ -204,9 +202,9 @@ def get(name: str, **overrides: Any) -> nn.Module:
     """
     s = spec(name)
     valid = _fields(s.cls)
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ValueError(f"model {name!r} ({s.cls.__name__}) has no attribute(s) {unknown}. "
+    extra = sorted(set(overrides) - set(valid))
+    if extra:
+        raise ValueError(f"model {name!r} ({s.cls.__name__}) has no attribute(s) {extra}. "
                          f"Valid overrides: {', '.join(valid)}.")
     kwargs = {**s.kwargs, **{k: tuple(v) if isinstance(v, list) else v
                              for k, v in overrides.items()}}

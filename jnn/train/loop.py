@@ -265,6 +265,7 @@ def fit(
     on_nonfinite: str = "skip",
     max_nonfinite: int = 10,
     max_traces: int | None = None,
+    plateau: Any = None,
 ) -> FitResult:
     """Trains `state` until `num_steps` (counting from step 0), evaluating and checkpointing.
 
@@ -308,6 +309,9 @@ def fit(
       max_nonfinite: consecutive non-finite steps "skip" tolerates.
       max_traces: 1 to fail loudly when a batch's shapes or dtypes differ from the first batch's
         (the compiled step would re-trace and re-compile), naming the entry that changed.
+      plateau: a `jnn.optim.Plateau` whose `transform()` is in the optimizer chain: after each
+        evaluation it lowers the learning rate when its metric has stopped improving (required
+        when the chain has one, so the rate never silently stays put).
 
     Returns:
       A `FitResult` with the final state, the history of logged records, the best evaluation and
@@ -315,6 +319,7 @@ def fit(
     """
     _check_fit_arguments(num_steps, log_every, eval_every, max_traces, loss_fn, train_step, eval_step,
                          eval_data, early_stopping)
+    _check_plateau(plateau, state, eval_data)
     train_step = train_step or jax.jit(make_train_step(loss_fn, on_nonfinite=on_nonfinite), donate_argnums=0)
     if eval_data is not None and eval_step is None:
         eval_step = jax.jit(make_eval_step(loss_fn))
@@ -344,6 +349,8 @@ def fit(
                       batch_size=data.batch_size)
             if step % eval_every == 0 or step == num_steps:
                 values = log.evaluate(step, state, eval_data, eval_step, early_stopping)
+                if plateau is not None:  # before the save: the checkpoint holds the new scale
+                    state = state.replace(opt_state=plateau.update(state.opt_state, values))
                 stopped_early = early_stopping is not None and early_stopping.should_stop
                 save(values)
         if step < num_steps and not stopped_early:  # stopped at `stop_at`: resumable, not evaluated
@@ -377,6 +384,23 @@ def _check_fit_arguments(num_steps, log_every, eval_every, max_traces, loss_fn, 
     if early_stopping is not None and eval_data is None:
         raise ValueError("fit: early_stopping watches an evaluation metric, but no eval_data was given. "
                          "Fix: pass eval_data= (e.g. a validation Pipeline), or drop early_stopping.")
+
+
+def _check_plateau(plateau, state, eval_data) -> None:
+    from jnn.optim import plateau_scale  # noqa: PLC0415 - jnn.optim imports nothing of the loop
+
+    has = plateau_scale(state.opt_state) is not None
+    if plateau is None and has:
+        raise ValueError("fit: the optimizer reduces its learning rate on plateaus (a jnn.optim.Plateau "
+                         "transform is in its chain), but fit was given no plateau= to drive it; the rate "
+                         "would never change. Fix: pass the same Plateau as fit(..., plateau=plateau).")
+    if plateau is not None and not has:
+        raise ValueError(f"fit: plateau={plateau} was given, but the optimizer has no plateau.transform() in "
+                         f"its chain. Fix: build it as optax.chain(<optimizer>, plateau.transform()), or use "
+                         f"OptimConfig(schedule='plateau').")
+    if plateau is not None and eval_data is None:
+        raise ValueError("fit: plateau= watches an evaluation metric, but no eval_data was given. Fix: pass "
+                         "eval_data= (e.g. a validation Pipeline), or drop plateau.")
 
 
 class _TrainData:

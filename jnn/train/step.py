@@ -22,6 +22,7 @@ from jax import lax
 
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
+from jnn import optim as optim_lib
 from jnn.train.state import TrainState, describe
 
 LossFn = Callable[[Any, jax.Array], jax.Array]
@@ -327,13 +328,18 @@ def _mean_batch_stats(model, model_state, axis_name, devices, others):
 
 
 def _learning_rate(opt_state) -> jax.Array | None:
-    """The current learning rate if the optimizer state holds one (`optax.inject_hyperparams`)."""
+    """The current learning rate if the optimizer state holds one (`optax.inject_hyperparams`),
+    times the scale of a `jnn.optim.Plateau` in the chain."""
     try:
         lr = optax.tree_utils.tree_get(
             opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array))
     except KeyError:  # several (e.g. multi_transform with two injected optimizers): ambiguous
         return None
-    return None if lr is None else jnp.asarray(lr, jnp.float32)
+    if lr is None:
+        return None
+    scale = optim_lib.plateau_scale(opt_state)
+    lr = jnp.asarray(lr, jnp.float32)
+    return lr if scale is None else lr * scale.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
