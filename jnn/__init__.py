@@ -3,7 +3,8 @@
 flax models (linen or nnx), optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
-from jnn import config, data, losses, metrics, models, optim, parallel, presets, testing, vmap, writers
+from jnn import (adversarial, config, data, losses, metrics, models, optim, parallel, presets, testing, vmap,
+                 writers)
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
@@ -32,6 +33,7 @@ __all__ = [
     "TrainState",
     "abstract_train_state",
     "check_batch",
+    "adversarial",
     "config",
     "create_ensemble",
     "create_train_state",

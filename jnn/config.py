@@ -85,6 +85,11 @@ class TrainConfig:
       best_metric / best_mode: which checkpoint is "best" (also used for the final test).
       keep: most recent checkpoints kept.
       compute_dtype: "float32" or "bfloat16" (mixed precision: params stay float32).
+      adversarial: train on adversarial examples: "pgd" or "fgsm" (None: off; `jnn.adversarial`).
+        The final test report adds the accuracy under the same attack.
+      adversarial_epsilon / adversarial_norm / adversarial_steps: the attack's radius, norm
+        ("linf" or "l2") and PGD steps (inputs are kept in [0, 1] unless data.normalize).
+      adversarial_mix: the fraction of each batch replaced by adversarial examples.
     """
 
     steps: int = 600
@@ -99,6 +104,11 @@ class TrainConfig:
     best_mode: str = "max"
     keep: int = 2
     compute_dtype: str = "float32"
+    adversarial: str | None = None
+    adversarial_epsilon: float = 0.1
+    adversarial_norm: str = "linf"
+    adversarial_steps: int = 7
+    adversarial_mix: float = 1.0
 
     def __post_init__(self):
         check_fields("TrainConfig", self, {
@@ -110,6 +120,11 @@ class TrainConfig:
             "best_mode": (self.best_mode in ("max", "min"), "'max' or 'min'"),
             "keep": (self.keep >= 1, ">= 1"),
             "compute_dtype": (self.compute_dtype in COMPUTE_DTYPES, f"one of {list(COMPUTE_DTYPES)}"),
+            "adversarial": (self.adversarial in (None, "pgd", "fgsm"), "'pgd', 'fgsm' or None"),
+            "adversarial_epsilon": (self.adversarial_epsilon > 0, "> 0"),
+            "adversarial_norm": (self.adversarial_norm in ("linf", "l2"), "'linf' or 'l2'"),
+            "adversarial_steps": (self.adversarial_steps >= 1, ">= 1"),
+            "adversarial_mix": (0 <= self.adversarial_mix <= 1, "in [0, 1]"),
         })
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jnn import adversarial as adversarial_lib
 from jnn import data as data_lib
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
@@ -161,7 +162,12 @@ def build(config: Config) -> Experiment:
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
     classification = splits.train["labels"].ndim == 1 and splits.num_classes > 1
-    train_step = make_train_step(loss_fn, on_nonfinite="skip")
+    attack = attack_of(config)
+    if attack is None:
+        train_step = make_train_step(loss_fn, on_nonfinite="skip")
+    else:
+        train_step = adversarial_lib.make_adversarial_train_step(loss_fn, attack, mix=config.train.adversarial_mix,
+                                                                 on_nonfinite="skip")
     eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
     state = create_train_state(model, tx, example, config.train.seed)
     if jax.process_count() > 1:
@@ -170,6 +176,17 @@ def build(config: Config) -> Experiment:
         train_step = jax.jit(train_step, donate_argnums=0)
     return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize),
                       train_step, eval_step)
+
+
+def attack_of(config: Config) -> adversarial_lib.PGD | None:
+    """The adversarial attack a config trains against (None without `train.adversarial`)."""
+    t = config.train
+    if t.adversarial is None:
+        return None
+    clip = None if config.data.normalize else (0.0, 1.0)  # jnn's image loaders scale to [0, 1]
+    if t.adversarial == "fgsm":
+        return adversarial_lib.fgsm(t.adversarial_epsilon, clip=clip)
+    return adversarial_lib.PGD(t.adversarial_epsilon, steps=t.adversarial_steps, norm=t.adversarial_norm, clip=clip)
 
 
 def _across_processes(train_step, eval_step, state):
@@ -356,6 +373,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                 if best_step is not None and best_step != int(final.step):
                     final, _ = checkpointer.restore(result.state, step=best_step)  # exp.state was donated
                 test = evaluate(final, exp.eval_data("test"), exp.eval_step)
+                test.update(_robust(exp, final))
                 writer.write(int(final.step), test, "test")
         finally:
             writer.close()
@@ -388,6 +406,18 @@ def resume(run_dir: str, *, data_dir: str | None = None, progress: bool | None =
     return train(config, run_dir, resume=True, progress=progress, stop_at=stop_at, out=out)
 
 
+def _robust(exp: Experiment, state: TrainState) -> dict[str, float]:
+    """The test accuracy and loss under the attack the run trained against (empty without one)."""
+    attack = attack_of(exp.config)
+    if attack is None:
+        return {}
+    step = jax.jit(adversarial_lib.make_robust_eval_step(exp.loss_fn, attack))
+    if jax.process_count() > 1:  # like the eval step: on this process's replica
+        step = (lambda jitted: lambda s, b: jitted(_local(s), b))(step)
+    robust = evaluate(state, exp.eval_data("test"), step)
+    return {f"adversarial_{k}": v for k, v in robust.items() if k in ("accuracy", "loss")}
+
+
 def _say_history(out, history: list[dict]) -> None:
     for record in history:
         if record["split"] == "eval":
@@ -415,7 +445,11 @@ def _line(record: dict) -> str:
 def _report_text(exp: Experiment, test: dict) -> str:
     if "report" not in test:
         return "test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if np.ndim(v) == 0)
-    return "test split, per class:\n" + metrics_lib.format_report(test["report"], exp.splits.class_names)
+    text = "test split, per class:\n" + metrics_lib.format_report(test["report"], exp.splits.class_names)
+    if "adversarial_accuracy" in test:
+        text += (f"\nunder the training attack ({exp.config.train.adversarial}, epsilon "
+                 f"{exp.config.train.adversarial_epsilon}): accuracy {test['adversarial_accuracy']:.4f}")
+    return text
 
 
 def _jsonable(tree: Any) -> Any:

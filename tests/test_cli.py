@@ -170,3 +170,14 @@ def test_plateau_schedule_and_l2_from_the_command_line(tmp_path, capsys):
                      "--set", "optim.plateau_metric=acc"]) == 2
     assert "optim.plateau_metric='acc' is not an evaluation metric" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_adversarial_training_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.adversarial=pgd",
+                     "--set", "train.adversarial_steps=2", "--set", "train.adversarial_mix=0.5"]) == 0
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert 0.0 <= test["adversarial_accuracy"] <= 1.0 and test["adversarial_loss"] > 0
+    assert "under the training attack (pgd, epsilon 0.1): accuracy" in capsys.readouterr().out
+    assert cli.main(["train", "--debug", "--run-dir", str(tmp_path / "bad"), "--set", "train.adversarial=pgdd"]) == 2
+    assert "adversarial='pgdd'; expected adversarial 'pgd', 'fgsm' or None" in capsys.readouterr().err

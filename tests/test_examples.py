@@ -89,3 +89,10 @@ def test_regularization_example_prints_every_variant(capsys):
     assert [r["variant"] for r in rows] == ["baseline", "early stopping", "augmentation", "L2 penalty", "plateau"]
     assert all(math.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in rows)
     assert "train acc test acc" in capsys.readouterr().out
+
+
+def test_adversarial_example_prints_clean_and_attacked_accuracy(capsys):
+    rows = _load("adversarial").main(["--debug"])
+    assert [r["training"] for r in rows] == ["standard", "adversarial"]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("clean", "FGSM", "PGD-20"))
+    assert "clean    FGSM  PGD-20" in capsys.readouterr().out
