@@ -3,8 +3,8 @@
 flax models (linen or nnx), optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
-from jnn import (adversarial, config, data, losses, metrics, models, optim, parallel, presets, testing, vmap,
-                 writers)
+from jnn import (adversarial, config, data, losses, metrics, models, optim, parallel, precision, presets, testing,
+                 vmap, writers)
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
@@ -53,6 +53,7 @@ __all__ = [
     "pad_batch",
     "parallel",
     "per_example_grads",
+    "precision",
     "presets",
     "testing",
     "to_nnx",

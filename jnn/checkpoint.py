@@ -37,13 +37,16 @@ class CheckpointError(ValueError):
 
 def _arrays(state: TrainState) -> dict[str, Any]:
     """The saveable arrays of a state; the typed PRNG key is stored as its raw uint32 data."""
-    return {
+    arrays = {
         "step": state.step,
         "params": state.params,
         "opt_state": state.opt_state,
         "model_state": state.model_state,
         "rng": jax.random.key_data(state.rng),
     }
+    if state.loss_scale is not None:  # a float16 precision policy's dynamic loss scale
+        arrays["loss_scale"] = state.loss_scale
+    return arrays
 
 
 def _target(template: TrainState) -> dict[str, Any]:
@@ -54,6 +57,8 @@ def _target(template: TrainState) -> dict[str, Any]:
     shapes = jax.eval_shape(_arrays, template)
     sources = {"step": template.step, "params": template.params, "opt_state": template.opt_state,
                "model_state": template.model_state, "rng": template.rng}
+    if template.loss_scale is not None:
+        sources["loss_scale"] = template.loss_scale
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(shape, source):
@@ -95,6 +100,7 @@ def _with_arrays(template: TrainState, arrays: Mapping[str, Any]) -> TrainState:
         opt_state=arrays["opt_state"],
         model_state=arrays["model_state"],
         rng=jax.random.wrap_key_data(arrays["rng"], impl=impl),
+        loss_scale=arrays.get("loss_scale", template.loss_scale),
     )
 
 

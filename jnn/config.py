@@ -84,7 +84,9 @@ class TrainConfig:
       early_stopping: evaluation metric to stop on (None: off), with `patience` evaluations.
       best_metric / best_mode: which checkpoint is "best" (also used for the final test).
       keep: most recent checkpoints kept.
-      compute_dtype: "float32" or "bfloat16" (mixed precision: params stay float32).
+      compute_dtype: "float32" or "bfloat16": the zoo model's own `dtype` (params stay float32).
+      precision: a `jnn.precision` policy name for any model: "float32", "mixed_bf16" or
+        "mixed_f16" (float16 with dynamic loss scaling).
       adversarial: train on adversarial examples: "pgd" or "fgsm" (None: off; `jnn.adversarial`).
         The final test report adds the accuracy under the same attack.
       adversarial_epsilon / adversarial_norm / adversarial_steps: the attack's radius, norm
@@ -104,6 +106,7 @@ class TrainConfig:
     best_mode: str = "max"
     keep: int = 2
     compute_dtype: str = "float32"
+    precision: str = "float32"
     adversarial: str | None = None
     adversarial_epsilon: float = 0.1
     adversarial_norm: str = "linf"
@@ -120,12 +123,19 @@ class TrainConfig:
             "best_mode": (self.best_mode in ("max", "min"), "'max' or 'min'"),
             "keep": (self.keep >= 1, ">= 1"),
             "compute_dtype": (self.compute_dtype in COMPUTE_DTYPES, f"one of {list(COMPUTE_DTYPES)}"),
+            "precision": (self.precision in _precision_names(), f"one of {_precision_names()}"),
             "adversarial": (self.adversarial in (None, "pgd", "fgsm"), "'pgd', 'fgsm' or None"),
             "adversarial_epsilon": (self.adversarial_epsilon > 0, "> 0"),
             "adversarial_norm": (self.adversarial_norm in ("linf", "l2"), "'linf' or 'l2'"),
             "adversarial_steps": (self.adversarial_steps >= 1, ">= 1"),
             "adversarial_mix": (0 <= self.adversarial_mix <= 1, "in [0, 1]"),
         })
+
+
+def _precision_names() -> list[str]:
+    from jnn.precision import POLICIES  # noqa: PLC0415 - jnn.precision imports jnn.optim, as this module does
+
+    return list(POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,7 +169,7 @@ def build(config: Config) -> Experiment:
         train_step = adversarial_lib.make_adversarial_train_step(loss_fn, attack, mix=config.train.adversarial_mix,
                                                                  on_nonfinite="skip")
     eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
-    state = create_train_state(model, tx, example, config.train.seed)
+    state = create_train_state(model, tx, example, config.train.seed, precision=config.train.precision)
     if jax.process_count() > 1:
         train_step, eval_step, state = _across_processes(train_step, eval_step, state)
     else:

@@ -160,6 +160,18 @@ def _same_shapes(a: PyTree, b: PyTree) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and shapes(a) == shapes(b)
 
 
+def _to_compute(policy, params: PyTree, inputs: Any) -> tuple[PyTree, Any]:
+    """Floating parameters and inputs in the policy's compute dtype (the gradient flows back
+    through the cast to the master parameters)."""
+    if policy is None:
+        return params, inputs
+    return policy.cast_to_compute(params), policy.cast_to_compute(inputs)
+
+
+def _to_output(policy, outputs: Any) -> Any:
+    return outputs if policy is None else policy.cast_to_output(outputs)
+
+
 # ----------------------------------------------------------------------------------------------
 # flax.linen
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +187,7 @@ class LinenModel:
       rng_streams: the rng stream names it draws from in training.
       collections: its state collections (e.g. ("batch_stats",)), mutable in training.
       sync_batch_norm: BatchNorm statistics over the step's device axis (False: per device).
+      precision: a `jnn.precision.Policy` applied around every run (None: as the model is).
     """
 
     module: nn.Module
@@ -182,6 +195,7 @@ class LinenModel:
     rng_streams: tuple[str, ...]
     collections: tuple[str, ...]
     sync_batch_norm: bool = True
+    precision: Any = None
 
     kind = "linen"
 
@@ -195,6 +209,7 @@ class LinenModel:
     def apply(self, params: PyTree, model_state: PyTree, inputs: Any, *, train: bool,
               rng: jax.Array | None = None, axis_name: str | None = None) -> tuple[Any, PyTree]:
         """Runs the model; returns `(outputs, new_model_state)` (`model_state` itself in eval)."""
+        params, inputs = _to_compute(self.precision, params, inputs)
         mode = self.mode.kwargs(train) if self.mode is not None else {}
         rngs = stream_keys(rng, self.rng_streams) if rng is not None else {}
         # State collections are mutable in evaluation too (a model may update a counter on every
@@ -204,9 +219,9 @@ class LinenModel:
             out = self.module.apply(self.variables(params, model_state), *call_args(inputs), rngs=rngs,
                                     mutable=mutable, **mode)
         if not mutable:
-            return out, model_state
+            return _to_output(self.precision, out), model_state
         outputs, updated = out
-        return outputs, ({c: updated[c] for c in self.collections} if train else model_state)
+        return _to_output(self.precision, outputs), ({c: updated[c] for c in self.collections} if train else model_state)
 
     def batch_stats_flags(self, model_state: PyTree) -> list[bool]:
         """Per leaf of `model_state`: is it a BatchNorm statistic (averaged across devices)?"""
@@ -298,12 +313,13 @@ class NnxModel:
     rng_tags: tuple[str, ...]
     batch_stats: tuple[bool, ...]  # per model_state leaf
     sync_batch_norm: bool = True
+    precision: Any = None  # a jnn.precision.Policy applied around every run
 
     kind = "nnx"
 
     def _key(self):
         return (self.graphdef, self.params_def, self.state_def, self.rng_def, self.rng_leaves,
-                self.rng_tags, self.batch_stats, self.sync_batch_norm)
+                self.rng_tags, self.batch_stats, self.sync_batch_norm, self.precision)
 
     def __eq__(self, other):
         return isinstance(other, NnxModel) and self._key() == other._key()
@@ -334,6 +350,7 @@ class NnxModel:
 
     def apply(self, params: PyTree, model_state: PyTree, inputs: Any, *, train: bool,
               rng: jax.Array | None = None, axis_name: str | None = None) -> tuple[Any, PyTree]:
+        params, inputs = _to_compute(self.precision, params, inputs)
         module = self.merge(params, model_state, rng)
         module.train() if train else module.eval()
         for _, sub in nnx.iter_modules(module):
@@ -347,7 +364,7 @@ class NnxModel:
                 f"{jax.tree.structure(model_state)}, after: {jax.tree.structure(new_state)}). jnn keeps "
                 f"a fixed set of variables between steps. Fix: create every variable in __init__ "
                 f"(sown values, nnx.Intermediate, are dropped).")
-        return outputs, new_state
+        return _to_output(self.precision, outputs), new_state
 
     def batch_stats_flags(self, model_state: PyTree) -> list[bool]:
         return list(self.batch_stats)

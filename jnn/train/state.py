@@ -88,6 +88,7 @@ class TrainState(struct.PyTreeNode):
       model: how jnn runs the model (static; `jnn.train.model.LinenModel` or `NnxModel`).
       tx: the optax transformation (static).
       spec: static input/output description used to validate batches before compiling.
+      loss_scale: the dynamic loss scale of a float16 precision policy (`jnn.precision`), else None.
     """
 
     step: jax.Array
@@ -98,6 +99,7 @@ class TrainState(struct.PyTreeNode):
     model: Any = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     spec: ModelSpec | None = struct.field(pytree_node=False, default=None)
+    loss_scale: Any = None
 
     def apply_gradients(self, grads: PyTree, model_state: PyTree | None = None, **extra_args: Any) -> "TrainState":
         """Returns the state after one optimizer update with `grads`.
@@ -247,6 +249,7 @@ def create_train_state(
     fast_compile: bool = True,
     train_kwarg: str | None = model_lib.AUTO,
     rng_streams: tuple[str, ...] | None = None,
+    precision: Any = None,
     **init_kwargs: Any,
 ) -> TrainState:
     """Initialises a flax model (linen or nnx) and its optimizer into a `TrainState`.
@@ -271,6 +274,9 @@ def create_train_state(
         without one (silences the warning for a model with BatchNorm or Dropout).
       rng_streams: linen only: the rng stream names the model draws from, when jnn cannot find
         them itself (it runs the model once on shapes and provides every stream it asks for).
+      precision: a `jnn.precision.Policy` or its name ("mixed_bf16", "mixed_f16", "float32"):
+        the model then computes in the policy's dtype around float32 master parameters, and a
+        float16 policy scales the loss dynamically (`state.loss_scale`).
       **init_kwargs: extra keyword arguments passed to `model.init` (linen).
 
     Returns:
@@ -285,7 +291,27 @@ def create_train_state(
     # code of every initializer; values differ from the optimised build by at most 1 ulp.
     options = _FAST_COMPILE if fast_compile and jax.default_backend() == "cpu" else None
     parts = jax.jit(init.fn).lower(*init.args).compile(options)(*init.args)
-    return init.finish(parts, jax.device_put(np.zeros((), np.int32)), parts)
+    return _with_precision(init.finish(parts, jax.device_put(np.zeros((), np.int32)), parts), precision)
+
+
+def _with_precision(state: TrainState, precision: Any) -> TrainState:
+    """`state` run under the policy `precision`: parameters (and a fresh optimizer state) in its
+    parameter dtype, the policy in the model, the initial loss scale."""
+    from jnn import precision as precision_lib  # noqa: PLC0415 - jnn.precision imports jnn.optim
+
+    policy = precision_lib.get(precision)
+    if policy is None or policy.is_identity:
+        return state
+    params = precision_lib._cast_floats(state.params, policy.params)
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state.params))
+    opt_state = state.opt_state
+    if any(a.dtype != b.dtype for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params))):
+        opt_state = jax.eval_shape(state.tx.init, params) if abstract else state.tx.init(params)
+    loss_scale = precision_lib.initial_loss_scale(policy)
+    if abstract and loss_scale is not None:
+        loss_scale = jax.eval_shape(lambda: loss_scale)
+    return state.replace(params=params, opt_state=opt_state, loss_scale=loss_scale,
+                         model=dataclasses.replace(state.model, precision=policy))
 
 
 def abstract_train_state(
@@ -296,6 +322,7 @@ def abstract_train_state(
     *,
     train_kwarg: str | None = model_lib.AUTO,
     rng_streams: tuple[str, ...] | None = None,
+    precision: Any = None,
     **init_kwargs: Any,
 ) -> TrainState:
     """The `TrainState` `create_train_state` would return, as shapes only: nothing is computed.
@@ -311,7 +338,7 @@ def abstract_train_state(
     """
     init = _initializer(model, tx, example_inputs, rng, init_kwargs, train_kwarg, rng_streams)
     parts = jax.eval_shape(init.fn, *init.args)
-    return init.finish(parts, jax.ShapeDtypeStruct((), np.int32), parts)
+    return _with_precision(init.finish(parts, jax.ShapeDtypeStruct((), np.int32), parts), precision)
 
 
 def to_nnx(state: TrainState) -> Any:
