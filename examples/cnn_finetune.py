@@ -4,6 +4,8 @@ convolutions frozen, then print the per-class precision/recall/F1 report.
   python examples/cnn_finetune.py --data-dir ~/data/cifar-10-batches-py   # 4,000 + 4,000 steps
   python examples/cnn_finetune.py --debug                                 # 8 + 8 steps, in seconds
   python examples/cnn_finetune.py --finetune-steps 1000 --set optim.learning_rate=3e-4
+  python examples/cnn_finetune.py --variant lora       # LoRA adapters (rank 4) instead of freezing
+  python examples/cnn_finetune.py --variant few-shot   # 10 labelled examples per class, vs scratch
 
 The model is the `cnn_cifar10` preset's CNN from PyTorch's fine-tuning example (conv32-pool-conv64-
 pool-128-10, log-softmax output, NLL loss); its parameters are `conv_0`, `conv_1`, `dense_0` and
@@ -17,7 +19,11 @@ set, the honest split of "pretraining task" and "target task" is by class:
      after, and print the per-class report.
 
 How far the fine-tune gets on classes 5-9 measures how well features learned on half the classes
-transfer to the other half. Without --data-dir the data are the bundled 8x8 digits, resized to
+transfer to the other half. `--variant lora` fine-tunes through rank-4 LoRA adapters on every
+kernel (`jnn.lora`: the pretrained weights stay frozen, the optimizer holds the adapters' moments
+only; the head is new so it trains in full); `--variant few-shot` fine-tunes on only
+`--shots` (10) train examples per class and trains the same model from scratch on the same
+examples, to show what the pretraining is worth when labels are scarce. Without --data-dir the data are the bundled 8x8 digits, resized to
 32x32x3 (the classes are then the digits 0-9).
 """
 from __future__ import annotations
@@ -43,6 +49,9 @@ FROZEN = ("^conv_",)  # regexes on "/"-joined parameter paths, e.g. "conv_0/kern
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.add_run_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps (default: train.steps)")
+    p.add_argument("--variant", choices=("frozen", "lora", "few-shot"), default="frozen",
+                   help="frozen convolutions (default), LoRA adapters, or few-shot with a from-scratch baseline")
+    p.add_argument("--shots", type=int, default=10, help="few-shot: labelled train examples per class")
     return p.parse_args(argv)
 
 
@@ -71,24 +80,48 @@ def main(argv=None) -> dict:
     before = jnn.evaluate(pretrained, exp.eval_data("test"), eval_step)
 
     steps = args.finetune_steps or t.steps
-    optim = dataclasses.replace(config.optim, frozen=FROZEN, total_steps=config.optim.total_steps or steps)
+    train_data, train_count = exp.train_data, len(splits.train["labels"])
+    if args.variant == "few-shot":  # `shots` examples of every class, the same for both models
+        rng = np.random.default_rng(config.data.seed)
+        idx = np.concatenate([rng.choice(np.flatnonzero(splits.train["labels"] == c), args.shots, replace=False)
+                              for c in range(splits.num_classes)])
+        few = {k: v[idx] for k, v in splits.train.items()}
+        train_data, train_count = exp.pipeline(few), len(idx)
+    frozen = FROZEN if args.variant != "lora" else ()
+    optim = dataclasses.replace(config.optim, frozen=frozen, total_steps=config.optim.total_steps or steps)
     tx = jnn.make_optimizer(optim)  # the preset's optimizer, with frozen parameters' updates set to zero
-    labels = flatten_dict(jnn.optim.freeze_labels(pretrained.params, FROZEN), sep="/")  # {"conv_0/bias": "frozen", ...}
     params_before = flatten_dict(jax.device_get(pretrained.params), sep="/")  # a host copy: fit donates the state
     # A fresh optimizer (state and step count) on the pretrained parameters.
     state = pretrained.replace(step=jnp.zeros((), jnp.int32), tx=tx, opt_state=jax.jit(tx.init)(pretrained.params))
-    print(f"2. fine-tuning on all {len(splits.train['labels'])} train examples; {FROZEN} freezes "
-          f"{sorted(k for k, v in labels.items() if v == 'frozen')}")
-    tuned = run(state, exp.train_data, lambda: exp.eval_data("val"), steps, "finetune").state
+    if args.variant == "lora":  # adapters on the pretrained kernels; the 10-way head is new: train it in full
+        lora = jnn.lora.LoRA(rank=4, alpha=8.0, targets=("^conv_.*kernel$", "^dense_0/kernel$"), train_base=("^head/",))
+        state = jnn.lora.apply(state, lora, tx)
+        labels = {k: "frozen" for k in params_before if not k.startswith("head/")}
+        print(f"2. fine-tuning through LoRA adapters (rank 4) and the new head: {jnn.lora.trainable_count(state):,} "
+              f"trainable parameters instead of {sum(v.size for v in params_before.values()):,}")
+    else:
+        labels = flatten_dict(jnn.optim.freeze_labels(pretrained.params, FROZEN), sep="/")  # {"conv_0/bias": "frozen"}
+        print(f"2. fine-tuning on {train_count} train examples; {FROZEN} freezes "
+              f"{sorted(k for k, v in labels.items() if v == 'frozen')}")
+    tuned = run(state, train_data, lambda: exp.eval_data("val"), steps, "finetune").state
     after = jnn.evaluate(tuned, exp.eval_data("test"), eval_step)
 
-    params_after = flatten_dict(jax.device_get(tuned.params), sep="/")
+    tuned_params = tuned.params["base"] if args.variant == "lora" else tuned.params
+    params_after = flatten_dict(jax.device_get(tuned_params), sep="/")
     unchanged = all(np.array_equal(params_before[k], params_after[k]) for k, v in labels.items() if v == "frozen")
     print(jnn.metrics.format_report(after["report"], splits.class_names))
     print(f"test accuracy: {before['accuracy']:.4f} after pretraining on 0-{PRETRAIN_CLASSES - 1}, "
-          f"{after['accuracy']:.4f} after fine-tuning; convolutions unchanged: {unchanged}")
-    return {"run_dir": run_dir, "before": before, "after": after, "frozen_unchanged": unchanged,
-            "class_names": splits.class_names}
+          f"{after['accuracy']:.4f} after fine-tuning ({args.variant}); frozen weights unchanged: {unchanged}")
+    summary = {"run_dir": run_dir, "before": before, "after": after, "frozen_unchanged": unchanged,
+               "class_names": splits.class_names, "variant": args.variant}
+    if args.variant == "few-shot":  # the same model and examples, from a random initialisation
+        scratch_state = jnn.create_train_state(experiment.build_model(config, splits), jnn.make_optimizer(
+            dataclasses.replace(optim, frozen=())), splits.train["inputs"][:1], t.seed + 1)
+        scratch = run(scratch_state, train_data, lambda: exp.eval_data("val"), steps, "scratch").state
+        summary["scratch"] = jnn.evaluate(scratch, exp.eval_data("test"), eval_step)
+        print(f"from scratch on the same {train_count} examples: test accuracy {summary['scratch']['accuracy']:.4f} "
+              f"(fine-tuned: {after['accuracy']:.4f})")
+    return summary
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ class TrainConfig:
       adversarial_epsilon / adversarial_norm / adversarial_steps: the attack's radius, norm
         ("linf" or "l2") and PGD steps (inputs are kept in [0, 1] unless data.normalize).
       adversarial_mix: the fraction of each batch replaced by adversarial examples.
+      init_from: pretrained weights to start from (`jnn.transfer.load_pretrained`): a run
+        directory, a checkpoint folder, or a .msgpack / .safetensors / .npz file; arrays whose path
+        and shape match are loaded, the others (a new head) keep their initialisation.
+      lora_rank / lora_alpha / lora_targets: fine-tune through LoRA adapters of this rank (0: off;
+        `jnn.lora`); targets are path patterns (default: every kernel).
     """
 
     steps: int = 600
@@ -112,6 +117,10 @@ class TrainConfig:
     adversarial_norm: str = "linf"
     adversarial_steps: int = 7
     adversarial_mix: float = 1.0
+    init_from: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         check_fields("TrainConfig", self, {
@@ -129,6 +138,8 @@ class TrainConfig:
             "adversarial_norm": (self.adversarial_norm in ("linf", "l2"), "'linf' or 'l2'"),
             "adversarial_steps": (self.adversarial_steps >= 1, ">= 1"),
             "adversarial_mix": (0 <= self.adversarial_mix <= 1, "in [0, 1]"),
+            "lora_rank": (self.lora_rank >= 0, ">= 0 (0: no LoRA)"),
+            "lora_alpha": (self.lora_alpha > 0, "> 0"),
         })
 
 

@@ -30,7 +30,10 @@ from jnn import data as data_lib
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
 from jnn import models as models_lib
+from jnn import lora as lora_lib
 from jnn import optim as optim_lib
+from jnn import pruning as pruning_lib
+from jnn import transfer as transfer_lib
 from jnn.checkpoint import Checkpointer, CheckpointError, check_space
 from jnn.config import Config, from_dict, to_dict
 from jnn.optim import make_optimizer
@@ -128,6 +131,15 @@ def build_model(config: Config, splits: data_lib.Splits):
     return models_lib.get(config.model.name, **kwargs)
 
 
+def run_optim(config: Config):
+    """The config's optimizer settings with `total_steps` filled in: schedules (and pruning) count
+    optimizer updates, one per `accumulate_steps` steps."""
+    optim = config.optim
+    if optim.total_steps is None:
+        optim = dataclasses.replace(optim, total_steps=-(-config.train.steps // optim.accumulate_steps))
+    return optim
+
+
 def build(config: Config) -> Experiment:
     """Builds data, model, optimizer, the initial state and the jitted steps of a config."""
     splits, note = load_data(config)
@@ -154,10 +166,7 @@ def build(config: Config) -> Experiment:
                                  shard_index=0, shard_count=1)
 
     model = build_model(config, splits)
-    optim = config.optim
-    if optim.total_steps is None:  # schedules count optimizer updates: one per accumulate_steps steps
-        optim = dataclasses.replace(optim, total_steps=-(-config.train.steps // optim.accumulate_steps))
-    tx = make_optimizer(optim)
+    tx = make_optimizer(run_optim(config))
     example = splits.train["inputs"][:1]
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
@@ -170,12 +179,26 @@ def build(config: Config) -> Experiment:
                                                                  on_nonfinite="skip")
     eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
     state = create_train_state(model, tx, example, config.train.seed, precision=config.train.precision)
+    state, note = _fine_tuning(config, state, note)
     if jax.process_count() > 1:
         train_step, eval_step, state = _across_processes(train_step, eval_step, state)
     else:
         train_step = jax.jit(train_step, donate_argnums=0)
     return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize),
                       train_step, eval_step)
+
+
+def _fine_tuning(config: Config, state: TrainState, note: str | None) -> tuple[TrainState, str | None]:
+    """`train.init_from` (pretrained weights, new layers kept) and `train.lora_rank` (adapters)."""
+    t, notes = config.train, [note] if note else []
+    if t.init_from:
+        state, report = transfer_lib.load_pretrained(state, t.init_from, skip_mismatched=True)
+        notes.append(f"initialised from {t.init_from}: {str(report).splitlines()[0]}"
+                     + "".join(f"; {line.strip()}" for line in str(report).splitlines()[1:]))
+    if t.lora_rank:
+        state = lora_lib.apply(state, lora_lib.LoRA(t.lora_rank, t.lora_alpha, tuple(t.lora_targets)), state.tx)
+        notes.append(f"LoRA rank {t.lora_rank}: {lora_lib.trainable_count(state):,} trainable parameters")
+    return state, "\n".join(notes) or None
 
 
 def attack_of(config: Config) -> adversarial_lib.PGD | None:
@@ -385,6 +408,10 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
             with open(os.path.join(run_dir, TEST_FILE), "w", encoding="utf-8") as f:
                 json.dump(_jsonable(test), f, indent=2)
         _say(out, _report_text(exp, test))
+        if config.optim.prune_sparsity:
+            zeros = pruning_lib.sparsity_report(final.params, optim_lib.pruning(run_optim(config)))
+            _say(out, f"pruned: {zeros['total']:.2%} of the pruned kernels' weights and {zeros['all']:.2%} of all "
+                      f"parameters are zero (target {config.optim.prune_sparsity:.0%})")
         _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(final.step)}); "
                   f"{seconds:.1f} s; run directory {run_dir}")
     return {"run_dir": run_dir, "steps": int(result.state.step), "test": test, "best": result.best,

@@ -52,10 +52,17 @@ class OptimConfig:
         (`optax.MultiSteps`).
       frozen: regular expressions on "/"-joined parameter paths whose parameters are not updated
         (transfer learning), e.g. `("^backbone/",)`.
+      lr_groups: discriminative learning rates: `((pattern, multiplier), ...)`; parameters whose
+        "/"-joined path matches a pattern (the first that matches) train at the schedule's rate
+        times its multiplier, e.g. `(("^conv", 0.1),)` for a pretrained backbone under a new head.
       l2: the classic L2 penalty `l2 / 2 * sum(w ** 2)` on the loss, for any optimizer: its
         gradient `l2 * w` joins the loss gradient before clipping and before the optimizer's
         moments (unlike AdamW's decoupled `weight_decay`). Masked like `weight_decay`
         (`decay_mask`). The reported loss is the data term.
+      prune_sparsity, prune_end_step, prune_scope, prune_structured: gradual magnitude pruning
+        (`jnn.pruning.Pruning`, Zhu & Gupta 2017) of the kernels to `prune_sparsity` (0: off) by
+        `prune_end_step` (default: three quarters of `total_steps`), per layer or "global",
+        single weights or whole output units (`prune_structured`); pruned weights stay exactly 0.
       plateau_metric, plateau_mode, plateau_factor, plateau_patience: for `schedule="plateau"`:
         the learning rate is multiplied by `plateau_factor` when the evaluation metric
         `plateau_metric` has not improved (`plateau_mode` "min" or "max") for `plateau_patience`
@@ -81,14 +88,25 @@ class OptimConfig:
     clip_norm: float | None = None
     accumulate_steps: int = 1
     frozen: tuple[str, ...] = ()
+    lr_groups: tuple[tuple[str, float], ...] = ()
     l2: float = 0.0
+    prune_sparsity: float = 0.0
+    prune_end_step: int | None = None
+    prune_scope: str = "layer"
+    prune_structured: bool = False
     plateau_metric: str = "loss"
     plateau_mode: str = "min"
     plateau_factor: float = 0.5
     plateau_patience: int = 3
 
     def __post_init__(self):
+        groups = self.lr_groups
+        ok = all(isinstance(g, (tuple, list)) and len(g) == 2 and isinstance(g[0], str)
+                 and isinstance(g[1], (int, float)) and g[1] > 0 for g in groups)
+        if ok:  # JSON and --set give lists: keep the config hashable and comparable
+            object.__setattr__(self, "lr_groups", tuple((str(p), float(m)) for p, m in groups))
         check_fields("OptimConfig", self, {
+            "lr_groups": (ok, "((pattern, multiplier > 0), ...), e.g. (('^conv', 0.1),)"),
             "learning_rate": (self.learning_rate > 0, "> 0"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
             "total_steps": (self.total_steps is None or self.total_steps > 0, "> 0 or None"),
@@ -104,6 +122,9 @@ class OptimConfig:
             "clip_norm": (self.clip_norm is None or self.clip_norm > 0, "> 0 or None"),
             "accumulate_steps": (self.accumulate_steps >= 1, ">= 1"),
             "l2": (self.l2 >= 0, ">= 0"),
+            "prune_sparsity": (0 <= self.prune_sparsity < 1, "in [0, 1)"),
+            "prune_end_step": (self.prune_end_step is None or self.prune_end_step >= 1, ">= 1 or None"),
+            "prune_scope": (self.prune_scope in ("layer", "global"), "'layer' or 'global'"),
             "plateau_mode": (self.plateau_mode in PLATEAU_MODES, "'min' or 'max'"),
             "plateau_factor": (0 < self.plateau_factor < 1, "in (0, 1)"),
             "plateau_patience": (self.plateau_patience >= 1, ">= 1"),
@@ -175,12 +196,38 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def freeze_labels(params: PyTree, patterns: tuple[str, ...]) -> PyTree:
-    """"frozen" for parameters whose "/"-joined path matches any pattern, else "trainable"."""
+def _check_patterns(params: PyTree, patterns, where: str) -> list[re.Pattern]:
+    """Compiled `patterns`; each must match some "/"-joined parameter path (listed if not)."""
+    paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     compiled = [re.compile(p) for p in patterns]
+    for pattern, c in zip(patterns, compiled):
+        if not any(c.search(p) for p in paths):
+            raise ValueError(f"{where}: pattern {pattern!r} matches no parameter; the parameter paths are "
+                             f"{paths}. Fix: a regular expression on one of them, e.g. '^{paths[0].split('/')[0]}/'.")
+    return compiled
+
+
+def freeze_labels(params: PyTree, patterns: tuple[str, ...]) -> PyTree:
+    """"frozen" for parameters whose "/"-joined path matches any pattern, else "trainable".
+
+    Raises:
+      ValueError: a pattern that matches no parameter (listing the paths that exist).
+    """
+    compiled = _check_patterns(params, patterns, "OptimConfig.frozen")
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if any(c.search(_path(path)) for c in compiled) else "trainable", params
     )
+
+
+def group_labels(params: PyTree, groups: tuple[tuple[str, float], ...]) -> PyTree:
+    """"group_<i>" for parameters whose path matches `groups[i]`'s pattern first, else "default"."""
+    compiled = _check_patterns(params, [p for p, _ in groups], "OptimConfig.lr_groups")
+
+    def label(path, _):
+        name = _path(path)
+        return next((f"group_{i}" for i, c in enumerate(compiled) if c.search(name)), "default")
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def _base_optimizer(config: OptimConfig) -> Callable[..., optax.GradientTransformation]:
@@ -219,8 +266,8 @@ def make_optimizer(config: OptimConfig | None = None, **overrides: Any) -> optax
       ...                                         warmup_steps=100, total_steps=1000, clip_norm=1.0))
 
     Returns:
-      `l2 -> clip -> optimizer(schedule) -> plateau scale -> freeze`, wrapped in `optax.MultiSteps`
-      when `accumulate_steps > 1`.
+      `l2 -> clip -> optimizer(schedule; one per learning-rate group) -> plateau scale -> freeze ->
+      pruning masks`, wrapped in `optax.MultiSteps` when `accumulate_steps > 1`.
 
     Raises:
       ValueError: for unknown optimizer or schedule names, listing the valid ones.
@@ -234,6 +281,12 @@ def make_optimizer(config: OptimConfig | None = None, **overrides: Any) -> optax
         raise ValueError(f"accumulate_steps must be >= 1; got {config.accumulate_steps}.")
     schedule = make_schedule(config)
     tx = optax.inject_hyperparams(_base_optimizer(config))(learning_rate=schedule)
+    if config.lr_groups:  # one optimizer per group, at the schedule's rate times its multiplier
+        groups = config.lr_groups
+        scaled = lambda m: optax.inject_hyperparams(_base_optimizer(config))(  # noqa: E731
+            learning_rate=lambda count: schedule(count) * m)
+        tx = optax.multi_transform({"default": tx, **{f"group_{i}": scaled(m) for i, (_, m) in enumerate(groups)}},
+                                   lambda params: group_labels(params, groups))
     if config.schedule == "plateau":
         tx = optax.chain(tx, plateau(config).transform())
     if config.clip_norm is not None:
@@ -244,9 +297,30 @@ def make_optimizer(config: OptimConfig | None = None, **overrides: Any) -> optax
         patterns = tuple(config.frozen)
         tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
                                    lambda params: freeze_labels(params, patterns))
+    if config.prune_sparsity:  # last in the chain: masks the final updates (counts optimizer updates)
+        tx = optax.chain(tx, pruning(config).transform())
     if config.accumulate_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.accumulate_steps)
     return tx
+
+
+def pruning(config: OptimConfig):
+    """The `jnn.pruning.Pruning` of a config (None when `prune_sparsity` is 0).
+
+    Raises:
+      ValueError: pruning without `prune_end_step` or `total_steps` to schedule it over.
+    """
+    if not config.prune_sparsity:
+        return None
+    from jnn.pruning import Pruning  # noqa: PLC0415 - jnn.pruning imports this module
+
+    end = config.prune_end_step
+    if end is None:
+        if not config.total_steps:
+            raise ValueError("OptimConfig: prune_sparsity needs prune_end_step, or total_steps to place it at "
+                             "three quarters of the run. Fix: set optim.prune_end_step.")
+        end = max(1, (3 * config.total_steps) // 4)
+    return Pruning(config.prune_sparsity, end_step=end, scope=config.prune_scope, structured=config.prune_structured)
 
 
 # ------------------------------------------------------------------ reduce on plateau

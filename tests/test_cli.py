@@ -181,3 +181,29 @@ def test_adversarial_training_from_the_command_line(tmp_path, capsys):
     assert "under the training attack (pgd, epsilon 0.1): accuracy" in capsys.readouterr().out
     assert cli.main(["train", "--debug", "--run-dir", str(tmp_path / "bad"), "--set", "train.adversarial=pgdd"]) == 2
     assert "adversarial='pgdd'; expected adversarial 'pgd', 'fgsm' or None" in capsys.readouterr().err
+
+
+def test_fine_tune_from_a_run_with_lora_from_the_command_line(tmp_path, capsys):
+    pre = tmp_path / "pre"
+    assert cli.main(["train", "--debug", "--run-dir", str(pre)]) == 0
+    run = tmp_path / "tuned"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", f"train.init_from={pre}",
+                     "--set", "train.lora_rank=2", "--set", "optim.lr_groups=(('conv', 0.5),)"]) == 0
+    out = capsys.readouterr().out
+    assert f"initialised from {pre}: loaded 8 array(s), initialised 0 new" in out
+    assert "LoRA rank 2: 1,958 trainable parameters" in out
+    with Checkpointer(run / "checkpoints") as ckpt:
+        saved = ckpt.restore(experiment.build(experiment.read_config(str(run))).state)[0]
+    pretrained = Checkpointer(pre / "checkpoints").restore(experiment.build(experiment.read_config(str(pre))).state)[0]
+    chex.assert_trees_all_equal(saved.params["base"], pretrained.params)  # the base stayed frozen
+
+
+def test_pruning_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=12", "--set",
+                     "optim.prune_sparsity=0.5", "--set", "optim.prune_end_step=8"]) == 0
+    assert "pruned: 50.00% of the pruned kernels' weights" in capsys.readouterr().out
+    with Checkpointer(run / "checkpoints") as ckpt:
+        state = ckpt.restore(experiment.build(experiment.read_config(str(run))).state)[0]
+    kernels = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params) if np.ndim(x) > 1]
+    assert sum(int((k == 0).sum()) for k in kernels) == sum(round(0.5 * k.size) for k in kernels)

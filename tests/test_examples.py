@@ -96,3 +96,17 @@ def test_adversarial_example_prints_clean_and_attacked_accuracy(capsys):
     assert [r["training"] for r in rows] == ["standard", "adversarial"]
     assert all(0 <= r[k] <= 1 for r in rows for k in ("clean", "FGSM", "PGD-20"))
     assert "clean    FGSM  PGD-20" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", ["lora", "few-shot"])
+def test_cnn_finetune_lora_and_few_shot_variants(tmp_path, variant):
+    summary = _run("cnn_finetune", tmp_path, "--finetune-steps", "2", "--variant", variant)
+    assert summary["variant"] == variant and summary["frozen_unchanged"]
+    assert math.isfinite(summary["after"]["loss"])
+    if variant == "few-shot":
+        assert 0 <= summary["scratch"]["accuracy"] <= 1
+
+
+def test_pruning_example_reports_sparsity_and_accuracy(capsys):
+    rows = _load("pruning").main(["--debug"])
+    assert len(rows) >= 5 and all(0 <= r["test_accuracy"] <= 1 for r in rows)

@@ -162,3 +162,21 @@ def test_plateau_schedule_from_config_scales_the_reported_learning_rate():
     assert float(optim.plateau_scale(state)) == pytest.approx(0.1)
     from jnn.train.step import _learning_rate
     assert float(_learning_rate(state)) == pytest.approx(1e-3)
+
+
+def test_learning_rate_groups_scale_their_parameters_updates():
+    params = {"backbone": {"kernel": jnp.ones((3, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = make_optimizer(OptimConfig("sgd", 0.1, momentum=0.0, lr_groups=(("^backbone/", 0.1),)))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["backbone"]["kernel"], -0.01)
+    np.testing.assert_allclose(updates["head"]["kernel"], -0.1)
+    config = OptimConfig("adam", 1e-3, lr_groups=[["^backbone/", 0.5]])  # as JSON / --set give it
+    assert config.lr_groups == (("^backbone/", 0.5),)
+    with pytest.raises(ValueError, match=r"pattern '\^neck/' matches no parameter; the parameter paths are "
+                                         r"\['backbone/kernel', 'head/kernel'\]"):
+        make_optimizer(OptimConfig("sgd", 0.1, lr_groups=(("^neck/", 0.5),))).init(params)
+    with pytest.raises(ValueError, match=r"pattern 'nope' matches no parameter"):
+        make_optimizer(OptimConfig("sgd", 0.1, frozen=("nope",))).init(params)
+    with pytest.raises(ValueError, match=r"lr_groups=.*expected lr_groups \(\(pattern, multiplier > 0\)"):
+        OptimConfig("sgd", 0.1, lr_groups=(("^a", -1.0),))

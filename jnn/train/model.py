@@ -168,6 +168,10 @@ def _to_compute(policy, params: PyTree, inputs: Any) -> tuple[PyTree, Any]:
     return policy.cast_to_compute(params), policy.cast_to_compute(inputs)
 
 
+def _model_params(reparam, params: PyTree) -> PyTree:
+    return params if reparam is None else reparam(params)
+
+
 def _to_output(policy, outputs: Any) -> Any:
     return outputs if policy is None else policy.cast_to_output(outputs)
 
@@ -188,6 +192,8 @@ class LinenModel:
       collections: its state collections (e.g. ("batch_stats",)), mutable in training.
       sync_batch_norm: BatchNorm statistics over the step's device axis (False: per device).
       precision: a `jnn.precision.Policy` applied around every run (None: as the model is).
+      reparam: a function from the state's params to the model's (e.g. `jnn.lora.LoRA`, which
+        merges adapters into frozen weights), or None.
     """
 
     module: nn.Module
@@ -196,11 +202,12 @@ class LinenModel:
     collections: tuple[str, ...]
     sync_batch_norm: bool = True
     precision: Any = None
+    reparam: Any = None
 
     kind = "linen"
 
     def variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
-        return {"params": params, **model_state}
+        return {"params": _model_params(self.reparam, params), **model_state}
 
     def __call__(self, variables: PyTree, *args, **kwargs):
         """`module.apply(variables, *args, **kwargs)`: flax's own apply, as `state.apply_fn`."""
@@ -209,14 +216,14 @@ class LinenModel:
     def apply(self, params: PyTree, model_state: PyTree, inputs: Any, *, train: bool,
               rng: jax.Array | None = None, axis_name: str | None = None) -> tuple[Any, PyTree]:
         """Runs the model; returns `(outputs, new_model_state)` (`model_state` itself in eval)."""
-        params, inputs = _to_compute(self.precision, params, inputs)
+        params, inputs = _to_compute(self.precision, _model_params(self.reparam, params), inputs)
         mode = self.mode.kwargs(train) if self.mode is not None else {}
         rngs = stream_keys(rng, self.rng_streams) if rng is not None else {}
         # State collections are mutable in evaluation too (a model may update a counter on every
         # call); evaluation discards the updates.
         mutable = list(self.collections) if self.collections else False
         with _batch_norm_axis(axis_name if self.sync_batch_norm else None):
-            out = self.module.apply(self.variables(params, model_state), *call_args(inputs), rngs=rngs,
+            out = self.module.apply({"params": params, **model_state}, *call_args(inputs), rngs=rngs,
                                     mutable=mutable, **mode)
         if not mutable:
             return _to_output(self.precision, out), model_state
@@ -314,12 +321,13 @@ class NnxModel:
     batch_stats: tuple[bool, ...]  # per model_state leaf
     sync_batch_norm: bool = True
     precision: Any = None  # a jnn.precision.Policy applied around every run
+    reparam: Any = None  # state params -> the module's (e.g. jnn.lora.LoRA)
 
     kind = "nnx"
 
     def _key(self):
         return (self.graphdef, self.params_def, self.state_def, self.rng_def, self.rng_leaves,
-                self.rng_tags, self.batch_stats, self.sync_batch_norm, self.precision)
+                self.rng_tags, self.batch_stats, self.sync_batch_norm, self.precision, self.reparam)
 
     def __eq__(self, other):
         return isinstance(other, NnxModel) and self._key() == other._key()
@@ -328,7 +336,7 @@ class NnxModel:
         return hash(self._key())
 
     def variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
-        return {"params": params, "state": model_state}
+        return {"params": _model_params(self.reparam, params), "state": model_state}
 
     def merge(self, params: PyTree, model_state: PyTree, rng: jax.Array | None = None) -> nnx.Module:
         """The module, rebuilt from `params` and `model_state` (its rng streams reseeded from `rng`)."""
@@ -350,7 +358,7 @@ class NnxModel:
 
     def apply(self, params: PyTree, model_state: PyTree, inputs: Any, *, train: bool,
               rng: jax.Array | None = None, axis_name: str | None = None) -> tuple[Any, PyTree]:
-        params, inputs = _to_compute(self.precision, params, inputs)
+        params, inputs = _to_compute(self.precision, _model_params(self.reparam, params), inputs)
         module = self.merge(params, model_state, rng)
         module.train() if train else module.eval()
         for _, sub in nnx.iter_modules(module):

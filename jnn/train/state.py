@@ -353,5 +353,6 @@ def to_nnx(state: TrainState) -> Any:
     if getattr(state.model, "kind", None) != "nnx":
         raise ValueError("to_nnx: the state was created from a linen module, which has no nnx form. "
                          "Fix: use module.apply(state.variables, x).")
-    params, model_state = jax.tree.map(jnp.array, (state.params, state.model_state))
+    params = model_lib._model_params(state.model.reparam, state.params)  # e.g. LoRA adapters merged
+    params, model_state = jax.tree.map(jnp.array, (params, state.model_state))
     return state.model.merge(params, model_state, jax.random.fold_in(state.rng, state.step))
