@@ -4,7 +4,7 @@ flax models (linen or nnx), optax optimizers and one pure train step `(state, ba
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
 from jnn import (adversarial, config, data, lora, losses, metrics, models, optim, parallel, precision, presets,
-                 pruning, testing, transfer, vmap, writers)
+                 pruning, quantize, testing, transfer, vmap, writers)
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
@@ -57,6 +57,7 @@ __all__ = [
     "precision",
     "presets",
     "pruning",
+    "quantize",
     "testing",
     "transfer",
     "to_nnx",

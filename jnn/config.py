@@ -97,6 +97,9 @@ class TrainConfig:
         and shape match are loaded, the others (a new head) keep their initialisation.
       lora_rank / lora_alpha / lora_targets: fine-tune through LoRA adapters of this rank (0: off;
         `jnn.lora`); targets are path patterns (default: every kernel).
+      qat: train with int8 fake quantization (`jnn.quantize.qat`, qwix).
+      quantize: "int8": quantize the final model after training (`jnn.quantize.ptq`, w8a8) and add
+        its test accuracy and size to the report; None: off.
     """
 
     steps: int = 600
@@ -121,6 +124,8 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ()
+    qat: bool = False
+    quantize: str | None = None
 
     def __post_init__(self):
         check_fields("TrainConfig", self, {
@@ -140,6 +145,7 @@ class TrainConfig:
             "adversarial_mix": (0 <= self.adversarial_mix <= 1, "in [0, 1]"),
             "lora_rank": (self.lora_rank >= 0, ">= 0 (0: no LoRA)"),
             "lora_alpha": (self.lora_alpha > 0, "> 0"),
+            "quantize": (self.quantize in (None, "int8"), "'int8' or None"),
         })
 
 

@@ -33,6 +33,7 @@ from jnn import models as models_lib
 from jnn import lora as lora_lib
 from jnn import optim as optim_lib
 from jnn import pruning as pruning_lib
+from jnn import quantize as quantize_lib
 from jnn import transfer as transfer_lib
 from jnn.checkpoint import Checkpointer, CheckpointError, check_space
 from jnn.config import Config, from_dict, to_dict
@@ -128,7 +129,8 @@ def build_model(config: Config, splits: data_lib.Splits):
         kwargs["block_size"] = splits.train["inputs"].shape[1]
     if config.train.compute_dtype != "float32" and "dtype" in fields:
         kwargs["dtype"] = jnp.dtype(config.train.compute_dtype)
-    return models_lib.get(config.model.name, **kwargs)
+    model = models_lib.get(config.model.name, **kwargs)
+    return quantize_lib.qat(model) if config.train.qat else model
 
 
 def run_optim(config: Config):
@@ -397,6 +399,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                     final, _ = checkpointer.restore(result.state, step=best_step)  # exp.state was donated
                 test = evaluate(final, exp.eval_data("test"), exp.eval_step)
                 test.update(_robust(exp, final))
+                test.update(_quantized(exp, final))
                 writer.write(int(final.step), test, "test")
         finally:
             writer.close()
@@ -445,6 +448,18 @@ def _robust(exp: Experiment, state: TrainState) -> dict[str, float]:
     return {f"adversarial_{k}": v for k, v in robust.items() if k in ("accuracy", "loss")}
 
 
+def _quantized(exp: Experiment, state: TrainState) -> dict[str, float]:
+    """`train.quantize="int8"`: the int8 model's test accuracy, its size and the float model's."""
+    if exp.config.train.quantize is None:
+        return {}
+    quantized = quantize_lib.ptq(_local(state))
+    correct = total = 0
+    for batch in exp.eval_data("test"):
+        correct += int((np.asarray(quantized(batch["inputs"])).argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+    return {"int8_accuracy": correct / total, "int8_bytes": quantized.nbytes, "float_bytes": quantized.float_nbytes}
+
+
 def _say_history(out, history: list[dict]) -> None:
     for record in history:
         if record["split"] == "eval":
@@ -473,6 +488,9 @@ def _report_text(exp: Experiment, test: dict) -> str:
     if "report" not in test:
         return "test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if np.ndim(v) == 0)
     text = "test split, per class:\n" + metrics_lib.format_report(test["report"], exp.splits.class_names)
+    if "int8_accuracy" in test:
+        text += (f"\nint8 (qwix PTQ, w8a8): accuracy {test['int8_accuracy']:.4f}, parameters "
+                 f"{test['float_bytes']:,} -> {test['int8_bytes']:,} bytes")
     if "adversarial_accuracy" in test:
         text += (f"\nunder the training attack ({exp.config.train.adversarial}, epsilon "
                  f"{exp.config.train.adversarial_epsilon}): accuracy {test['adversarial_accuracy']:.4f}")

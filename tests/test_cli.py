@@ -207,3 +207,12 @@ def test_pruning_from_the_command_line(tmp_path, capsys):
         state = ckpt.restore(experiment.build(experiment.read_config(str(run))).state)[0]
     kernels = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params) if np.ndim(x) > 1]
     assert sum(int((k == 0).sum()) for k in kernels) == sum(round(0.5 * k.size) for k in kernels)
+
+
+def test_qat_and_int8_quantization_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.qat=true",
+                     "--set", "train.quantize=int8"]) == 0
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert 0 <= test["int8_accuracy"] <= 1 and test["int8_bytes"] < test["float_bytes"] / 3.5
+    assert "int8 (qwix PTQ, w8a8): accuracy" in capsys.readouterr().out
