@@ -279,7 +279,7 @@ def instrumented_train(jnn, experiment) -> tuple[dict, float]:
     top += [k for k in s if k.startswith("writer ")]
     s[OTHER] = total - sum(s.get(k, 0.0) for k in top)
     c[OTHER] = total_cpu - sum(c.get(k, 0.0) for k in top)
-    summary_out = {"steps": summary["steps"], "test_accuracy": summary["test"].get("accuracy")}
+    summary_out = {"steps": summary.steps, "test_accuracy": summary.test.get("accuracy")}
     return {"seconds": s, "cpu_seconds": c, "calls": clock.calls, **summary_out}, total
 
 

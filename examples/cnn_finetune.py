@@ -5,7 +5,7 @@ convolutions frozen, then print the per-class precision/recall/F1 report.
   python examples/cnn_finetune.py --debug                                 # 8 + 8 steps, in seconds
   python examples/cnn_finetune.py --finetune-steps 1000 --set optim.learning_rate=3e-4
   python examples/cnn_finetune.py --variant lora       # LoRA adapters (rank 4) instead of freezing
-  python examples/cnn_finetune.py --variant few-shot   # 10 labelled examples per class, vs scratch
+  python examples/cnn_finetune.py --variant few-shot   # 10 labelled examples of each of 5-9, vs scratch
 
 The model is the `cnn_cifar10` preset's CNN from PyTorch's fine-tuning example (conv32-pool-conv64-
 pool-128-10, log-softmax output, NLL loss); its parameters are `conv_0`, `conv_1`, `dense_0` and
@@ -22,8 +22,9 @@ How far the fine-tune gets on classes 5-9 measures how well features learned on 
 transfer to the other half. `--variant lora` fine-tunes through rank-4 LoRA adapters on every
 kernel (`jnn.lora`: the pretrained weights stay frozen, the optimizer holds the adapters' moments
 only; the head is new so it trains in full); `--variant few-shot` fine-tunes on only
-`--shots` (10) train examples per class and trains the same model from scratch on the same
-examples, to show what the pretraining is worth when labels are scarce. Without --data-dir the data are the bundled 8x8 digits, resized to
+`--shots` (10) train examples of each of the classes 5-9 and trains the same model from scratch
+on the same examples; both are tested on classes 5-9, to show what pretraining on 0-4 is worth
+when labels are scarce. Without --data-dir the data are the bundled 8x8 digits, resized to
 32x32x3 (the classes are then the digits 0-9).
 """
 from __future__ import annotations
@@ -81,10 +82,10 @@ def main(argv=None) -> dict:
 
     steps = args.finetune_steps or t.steps
     train_data, train_count = exp.train_data, len(splits.train["labels"])
-    if args.variant == "few-shot":  # `shots` examples of every class, the same for both models
+    if args.variant == "few-shot":  # `shots` examples of each new class (5-9), the same for both models
         rng = np.random.default_rng(config.data.seed)
         idx = np.concatenate([rng.choice(np.flatnonzero(splits.train["labels"] == c), args.shots, replace=False)
-                              for c in range(splits.num_classes)])
+                              for c in range(PRETRAIN_CLASSES, splits.num_classes)])
         few = {k: v[idx] for k, v in splits.train.items()}
         train_data, train_count = exp.pipeline(few), len(idx)
     frozen = FROZEN if args.variant != "lora" else ()
@@ -111,16 +112,21 @@ def main(argv=None) -> dict:
     unchanged = all(np.array_equal(params_before[k], params_after[k]) for k, v in labels.items() if v == "frozen")
     print(jnn.metrics.format_report(after["report"], splits.class_names))
     print(f"test accuracy: {before['accuracy']:.4f} after pretraining on 0-{PRETRAIN_CLASSES - 1}, "
-          f"{after['accuracy']:.4f} after fine-tuning ({args.variant}); frozen weights unchanged: {unchanged}")
+          f"{after['accuracy']:.4f} after fine-tuning ({args.variant}); "
+          f"{'convolutions' if args.variant != 'lora' else 'frozen weights'} unchanged: {unchanged}")
     summary = {"run_dir": run_dir, "before": before, "after": after, "frozen_unchanged": unchanged,
                "class_names": splits.class_names, "variant": args.variant}
     if args.variant == "few-shot":  # the same model and examples, from a random initialisation
         scratch_state = jnn.create_train_state(experiment.build_model(config, splits), jnn.make_optimizer(
             dataclasses.replace(optim, frozen=())), splits.train["inputs"][:1], t.seed + 1)
         scratch = run(scratch_state, train_data, lambda: exp.eval_data("val"), steps, "scratch").state
-        summary["scratch"] = jnn.evaluate(scratch, exp.eval_data("test"), eval_step)
-        print(f"from scratch on the same {train_count} examples: test accuracy {summary['scratch']['accuracy']:.4f} "
-              f"(fine-tuned: {after['accuracy']:.4f})")
+        new = {k: v[splits.test["labels"] >= PRETRAIN_CLASSES] for k, v in splits.test.items()}
+        new_test = lambda: exp.pipeline(new, train=False)  # noqa: E731 - the classes seen only in fine-tuning
+        summary["after_new"] = jnn.evaluate(tuned, new_test(), eval_step)
+        summary["scratch"] = jnn.evaluate(scratch, new_test(), eval_step)
+        print(f"test accuracy on classes {PRETRAIN_CLASSES}-{splits.num_classes - 1} after {args.shots} labelled "
+              f"examples of each: {summary['after_new']['accuracy']:.4f} fine-tuned from the 0-{PRETRAIN_CLASSES - 1} "
+              f"model, {summary['scratch']['accuracy']:.4f} trained from scratch on the same {train_count} examples")
     return summary
 
 

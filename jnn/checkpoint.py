@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jnn._names import path_str
 from jnn.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,8 @@ def _target(template: TrainState) -> dict[str, Any]:
 
 def _mismatches(saved: Any, target: Any) -> list[str]:
     """`path: saved shape vs expected shape` for every leaf that differs (or exists on one side only)."""
-    def name(key) -> str:  # orbax's metadata turns named tuples into dicts: compare plain names
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
-    def flat(tree):
-        return {"/".join(name(k) for k in p): tuple(getattr(x, "shape", ()) or ())
+    def flat(tree):  # orbax's metadata turns named tuples into dicts: compare plain names
+        return {path_str(p): tuple(getattr(x, "shape", ()) or ())
                 for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
     saved, target = flat(saved), flat(target)

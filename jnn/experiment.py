@@ -50,6 +50,37 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked (exists already, or has nothing to resume)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What `train` returns.
+
+    Attributes:
+      run_dir: the run directory (absolute).
+      steps: the step the run reached.
+      test: the final test metrics (None when stopped by `stop_at`).
+      best: the best evaluation record (or the last one without early stopping).
+      stopped_early: whether early stopping ended the run.
+      seconds: wall time of the call.
+      history: every logged record, as `fit` returns it.
+    """
+
+    run_dir: str
+    steps: int
+    test: dict[str, Any] | None
+    best: dict[str, Any] | None
+    stopped_early: bool
+    seconds: float
+    history: list[dict]
+
+    def __getitem__(self, key: str) -> Any:
+        """`result["test"]`: the dict access of jnn 0.1, kept for one release (use `result.test`)."""
+        import warnings
+
+        warnings.warn("experiment.train's result is a RunResult: use result.<field>, not result[<field>].",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(self, key)
+
+
 @dataclasses.dataclass
 class Experiment:
     """Everything built from a config, ready to `fit`."""
@@ -337,7 +368,7 @@ def _check_run_dir(config: Config, run_dir: str, resume: bool) -> None:
 
 
 def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool | None = None,
-          stop_at: int | None = None, out=None) -> dict[str, Any]:
+          stop_at: int | None = None, out=None) -> RunResult:
     """Trains `config` in `run_dir` (or resumes the run there), then evaluates on the test split.
 
     `stop_at` ends the run early at that step, with a checkpoint, as a preempted job would (for
@@ -346,8 +377,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
     space) is refused before anything is written.
 
     Returns:
-      A summary: {"run_dir", "steps", "test": {...test metrics...} (None when stopped by
-      `stop_at`), "best": {...}, "stopped_early", "seconds", "history"}.
+      A `RunResult` (its `test` is None when `stop_at` stopped the run).
 
     Raises:
       RunDirError: `run_dir` already holds a run (without `resume`), or has nothing to resume.
@@ -417,12 +447,12 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                       f"parameters are zero (target {config.optim.prune_sparsity:.0%})")
         _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(final.step)}); "
                   f"{seconds:.1f} s; run directory {run_dir}")
-    return {"run_dir": run_dir, "steps": int(result.state.step), "test": test, "best": result.best,
-            "stopped_early": result.stopped_early, "seconds": seconds, "history": result.history}
+    return RunResult(run_dir, int(result.state.step), test, result.best, result.stopped_early, seconds,
+                     result.history)
 
 
 def resume(run_dir: str, *, data_dir: str | None = None, progress: bool | None = None,
-           stop_at: int | None = None, out=None) -> dict[str, Any]:
+           stop_at: int | None = None, out=None) -> RunResult:
     """Continues the run in `run_dir` with the config it was started with (`train(..., resume=True)`).
 
     Args:
@@ -531,5 +561,5 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
     return test
 
 
-__all__ = ["Experiment", "RunDirError", "CheckpointError", "build", "check_resumable", "check_run", "evaluate_run",
+__all__ = ["Experiment", "RunDirError", "RunResult", "CheckpointError", "build", "check_resumable", "check_run", "evaluate_run",
            "load_data", "read_config", "resize_images", "resume", "train"]

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jnn._names import check_patterns, path_str
 from jnn.optim import check_fields
 from jnn.train.state import TrainState
 from jnn.transfer import flatten
@@ -67,7 +68,7 @@ class LoRA:
         """Per base leaf: frozen (True) unless it matches `train_base`."""
         patterns = [re.compile(p) for p in self.train_base]
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(p.search(_name(path)) for p in patterns), base)
+            lambda path, _: not any(p.search(path_str(path)) for p in patterns), base)
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -97,10 +98,6 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def _merged(base: PyTree, adapters: PyTree, scale: float, *, frozen: Any) -> PyTree:
     """Base weights with the adapters added; `frozen` (a bool, or a tree of them like `base`) says
     which base weights enter under `stop_gradient`."""
@@ -108,7 +105,7 @@ def _merged(base: PyTree, adapters: PyTree, scale: float, *, frozen: Any) -> PyT
     frozen = jax.tree.map(lambda _: frozen, base) if isinstance(frozen, bool) else frozen
 
     def merge(path, w, stop):
-        name = _name(path)
+        name = path_str(path)
         w = jax.lax.stop_gradient(w) if stop else w
         if name + "/a" not in flat_adapters:
             return w
@@ -153,9 +150,7 @@ def apply(state: TrainState, lora: LoRA, tx: optax.GradientTransformation, rng: 
     adapters = init_adapters(state.params, lora, rng)
     params = {"base": state.params, "lora": adapters}
     if lora.train_base:
-        from jnn.optim import _check_patterns  # noqa: PLC0415
-
-        _check_patterns(state.params, lora.train_base, "LoRA.train_base")
+        check_patterns(state.params, lora.train_base, "LoRA.train_base")
     frozen = lora._frozen_base(state.params)
     labels = {"base": jax.tree.map(lambda f: "frozen" if f else "train", frozen),
               "lora": jax.tree.map(lambda _: "train", adapters)}

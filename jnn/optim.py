@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jnn._names import unknown
+from jnn._names import check_patterns, path_str, unknown
 
 PyTree = Any
 
@@ -192,39 +191,24 @@ def decay_mask(params: PyTree) -> PyTree:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def _path(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _check_patterns(params: PyTree, patterns, where: str) -> list[re.Pattern]:
-    """Compiled `patterns`; each must match some "/"-joined parameter path (listed if not)."""
-    paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    compiled = [re.compile(p) for p in patterns]
-    for pattern, c in zip(patterns, compiled):
-        if not any(c.search(p) for p in paths):
-            raise ValueError(f"{where}: pattern {pattern!r} matches no parameter; the parameter paths are "
-                             f"{paths}. Fix: a regular expression on one of them, e.g. '^{paths[0].split('/')[0]}/'.")
-    return compiled
-
-
 def freeze_labels(params: PyTree, patterns: tuple[str, ...]) -> PyTree:
     """"frozen" for parameters whose "/"-joined path matches any pattern, else "trainable".
 
     Raises:
       ValueError: a pattern that matches no parameter (listing the paths that exist).
     """
-    compiled = _check_patterns(params, patterns, "OptimConfig.frozen")
+    compiled = check_patterns(params, patterns, "OptimConfig.frozen")
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if any(c.search(_path(path)) for c in compiled) else "trainable", params
+        lambda path, _: "frozen" if any(c.search(path_str(path)) for c in compiled) else "trainable", params
     )
 
 
 def group_labels(params: PyTree, groups: tuple[tuple[str, float], ...]) -> PyTree:
     """"group_<i>" for parameters whose path matches `groups[i]`'s pattern first, else "default"."""
-    compiled = _check_patterns(params, [p for p, _ in groups], "OptimConfig.lr_groups")
+    compiled = check_patterns(params, [p for p, _ in groups], "OptimConfig.lr_groups")
 
     def label(path, _):
-        name = _path(path)
+        name = path_str(path)
         return next((f"group_{i}" for i, c in enumerate(compiled) if c.search(name)), "default")
 
     return jax.tree_util.tree_map_with_path(label, params)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jnn.optim import _path, check_fields
+from jnn._names import check_patterns, path_str
+from jnn.optim import check_fields
 
 PyTree = Any
 
@@ -149,17 +150,12 @@ class Pruning:
             paths), or nothing is selected.
         """
         leaves = jax.tree_util.tree_leaves_with_path(params)
-        paths = [_path(p) for p, _ in leaves]
-        for pattern in self.targets:
-            if not any(re.search(pattern, path) for path in paths):
-                raise ValueError(
-                    f"Pruning: the target pattern {pattern!r} matches no parameter; expected regular "
-                    f"expressions matching some of the parameter paths {paths}. Fix: correct "
-                    f"Pruning(targets=...) (e.g. ('kernel$',) or ('^dense_0/kernel$',)).")
+        paths = [path_str(p) for p, _ in leaves]
+        compiled = check_patterns(params, self.targets, "Pruning(targets=...)")
 
         def pick(path, x) -> bool:
             if self.targets:
-                return any(re.search(p, _path(path)) for p in self.targets)
+                return any(c.search(path_str(path)) for c in compiled)
             return np.ndim(x) > 1
 
         chosen = jax.tree_util.tree_map_with_path(pick, params)
@@ -310,7 +306,7 @@ def sparsity_report(params: PyTree, pruning: Pruning | None = None) -> dict[str,
         z = int(np.count_nonzero(x == 0))
         all_zeros, all_size = all_zeros + z, all_size + x.size
         if c:
-            report[_path(path)] = z / max(x.size, 1)
+            report[path_str(path)] = z / max(x.size, 1)
             zeros, size = zeros + z, size + x.size
     report["total"] = zeros / max(size, 1)
     report["all"] = all_zeros / max(all_size, 1)

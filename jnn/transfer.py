@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jnn._names import path_str
 from jnn.train.state import TrainState
 
 PyTree = Any
@@ -46,24 +47,17 @@ class TransferReport:
         return "\n".join(lines)
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def flatten(tree: PyTree, prefix: str = "") -> dict[str, Any]:
     """`{"a/b/kernel": array}` of a nested tree (the paths jnn's freeze and LoRA patterns match)."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        out[prefix + "/".join(_key_name(k) for k in path)] = leaf
+        out[prefix + path_str(path)] = leaf
     return out
 
 
 def _unflatten_like(template: PyTree, flat: Mapping[str, Any], prefix: str) -> PyTree:
     paths = jax.tree_util.tree_leaves_with_path(template)
-    leaves = [flat[prefix + "/".join(_key_name(k) for k in p)] for p, _ in paths]
+    leaves = [flat[prefix + path_str(p)] for p, _ in paths]
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 

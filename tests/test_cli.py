@@ -153,35 +153,6 @@ def test_a_restore_error_is_one_line_without_tracebacks(tmp_path, capfd):
     assert err.count("\n") == 1 and "params/" in err and "checkpoint (" in err
 
 
-def test_plateau_schedule_and_l2_from_the_command_line(tmp_path, capsys):
-    """`--set optim.schedule=plateau` lowers the rate after evaluations that do not improve the
-    metric (mode "max" on the loss: every one after the first), and `optim.l2` trains."""
-    run = tmp_path / "run"
-    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=12", "--set",
-                     "train.eval_every=4", "--set", "train.log_every=2", "--set", "optim.schedule=plateau",
-                     "--set", "optim.plateau_mode=max", "--set", "optim.plateau_patience=1",
-                     "--set", "optim.l2=1e-4"]) == 0
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["learning_rate"] for r in records if r["split"] == "train"]
-    lr = presets.get("digits", debug=True).optim.learning_rate
-    assert rates == pytest.approx([lr] * 4 + [lr / 2] * 2)  # halved by the evaluation at step 8
-    capsys.readouterr()
-    assert cli.main(["train", "--debug", "--run-dir", str(tmp_path / "bad"), "--set", "optim.schedule=plateau",
-                     "--set", "optim.plateau_metric=acc"]) == 2
-    assert "optim.plateau_metric='acc' is not an evaluation metric" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
-
-
-def test_adversarial_training_from_the_command_line(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.adversarial=pgd",
-                     "--set", "train.adversarial_steps=2", "--set", "train.adversarial_mix=0.5"]) == 0
-    test = json.loads((run / "test_metrics.json").read_text())
-    assert 0.0 <= test["adversarial_accuracy"] <= 1.0 and test["adversarial_loss"] > 0
-    assert "under the training attack (pgd, epsilon 0.1): accuracy" in capsys.readouterr().out
-    assert cli.main(["train", "--debug", "--run-dir", str(tmp_path / "bad"), "--set", "train.adversarial=pgdd"]) == 2
-    assert "adversarial='pgdd'; expected adversarial 'pgd', 'fgsm' or None" in capsys.readouterr().err
-
 
 def test_fine_tune_from_a_run_with_lora_from_the_command_line(tmp_path, capsys):
     pre = tmp_path / "pre"
@@ -198,21 +169,43 @@ def test_fine_tune_from_a_run_with_lora_from_the_command_line(tmp_path, capsys):
     chex.assert_trees_all_equal(saved.params["base"], pretrained.params)  # the base stayed frozen
 
 
-def test_pruning_from_the_command_line(tmp_path, capsys):
+def test_the_toolbox_from_the_command_line(tmp_path, capsys):
+    """One debug run with every technique of the toolbox set from the command line: a plateau
+    schedule (mode "max" on the loss: every evaluation after the first halves the rate), the L2
+    penalty, pruning to 50%, PGD adversarial training on half of each batch, QAT, and int8
+    quantization of the result."""
     run = tmp_path / "run"
-    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=12", "--set",
-                     "optim.prune_sparsity=0.5", "--set", "optim.prune_end_step=8"]) == 0
-    assert "pruned: 50.00% of the pruned kernels' weights" in capsys.readouterr().out
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.steps=12",
+                     "--set", "train.eval_every=4", "--set", "train.log_every=2",
+                     "--set", "optim.schedule=plateau", "--set", "optim.plateau_mode=max",
+                     "--set", "optim.plateau_patience=1", "--set", "optim.l2=1e-4",
+                     "--set", "optim.prune_sparsity=0.5", "--set", "optim.prune_end_step=8",
+                     "--set", "train.adversarial=pgd", "--set", "train.adversarial_steps=2",
+                     "--set", "train.adversarial_mix=0.5", "--set", "train.qat=true",
+                     "--set", "train.quantize=int8"]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["learning_rate"] for r in records if r["split"] == "train"]
+    lr = presets.get("digits", debug=True).optim.learning_rate
+    assert rates == pytest.approx([lr] * 4 + [lr / 2] * 2)  # halved by the evaluation at step 8
+    assert "pruned: 50.00% of the pruned kernels' weights" in out
     with Checkpointer(run / "checkpoints") as ckpt:
         state = ckpt.restore(experiment.build(experiment.read_config(str(run))).state)[0]
-    kernels = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params) if np.ndim(x) > 1]
+    kernels = [np.asarray(x) for x in jax.tree.leaves(state.params) if np.ndim(x) > 1]
     assert sum(int((k == 0).sum()) for k in kernels) == sum(round(0.5 * k.size) for k in kernels)
-
-
-def test_qat_and_int8_quantization_from_the_command_line(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert cli.main(["train", "--debug", "--run-dir", str(run), "--set", "train.qat=true",
-                     "--set", "train.quantize=int8"]) == 0
     test = json.loads((run / "test_metrics.json").read_text())
+    assert 0.0 <= test["adversarial_accuracy"] <= 1.0 and test["adversarial_loss"] > 0
+    assert "under the training attack (pgd, epsilon 0.1): accuracy" in out
     assert 0 <= test["int8_accuracy"] <= 1 and test["int8_bytes"] < test["float_bytes"] / 3.5
-    assert "int8 (qwix PTQ, w8a8): accuracy" in capsys.readouterr().out
+    assert "int8 (qwix PTQ, w8a8): accuracy" in out
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.adversarial=pgdd", "adversarial='pgdd'; expected adversarial 'pgd', 'fgsm' or None"),
+    ("optim.plateau_metric=acc", "optim.plateau_metric='acc' is not an evaluation metric"),
+], ids=["unknown_attack", "unknown_plateau_metric"])
+def test_toolbox_settings_are_checked_before_the_run_directory(tmp_path, capsys, setting, message):
+    bad = tmp_path / "bad"
+    assert cli.main(["train", "--debug", "--run-dir", str(bad), "--set", "optim.schedule=plateau",
+                     "--set", setting]) == 2
+    assert message in capsys.readouterr().err and not bad.exists()

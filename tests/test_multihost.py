@@ -92,8 +92,8 @@ def test_process_killed_mid_run_stops_the_run_then_resume_continues(tmp_path, vi
     with a jnn message and PEER_EXIT_CODE (bounded by the timeout + 5 s, 0 hangs); then
     `jnn train --processes 2 --resume` continues from the last checkpoint to the end."""
     run = tmp_path / "run"
-    argv = JNN_TRAIN + ["--run-dir", str(run), "--set", "train.steps=300", "--set", "train.eval_every=50",
-                        "--set", "train.log_every=50"]
+    argv = JNN_TRAIN + ["--run-dir", str(run), "--set", "train.steps=160", "--set", "train.eval_every=40",
+                        "--set", "train.log_every=40"]
     port = parallel.free_port()
     procs = [subprocess.Popen(argv, env=_jnn_train_env(port, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
@@ -126,7 +126,7 @@ def test_process_killed_mid_run_stops_the_run_then_resume_continues(tmp_path, vi
     assert resumed.stdout.count("resumed") == 1  # process 0 alone prints
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["accuracy"] > 0.8
-    print(f"resumed from step {saved} to 300 with 2 processes: test accuracy {test['accuracy']:.4f}")
+    print(f"resumed from step {saved} to 160 with 2 processes: test accuracy {test['accuracy']:.4f}")
 
 
 def test_launcher_kills_the_others_when_one_fails():
