@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         idx = np.concatenate([rng.choice(np.flatnonzero(splits.train["labels"] == c), args.shots, replace=False)
                               for c in range(PRETRAIN_CLASSES, splits.num_classes)])
         few = {k: v[idx] for k, v in splits.train.items()}
-        train_data, train_count = exp.pipeline(few), len(idx)
+        train_data, train_count = exp.pipeline(few, batch_size=min(config.data.batch_size, len(idx))), len(idx)
     frozen = FROZEN if args.variant != "lora" else ()
     optim = dataclasses.replace(config.optim, frozen=frozen, total_steps=config.optim.total_steps or steps)
     tx = jnn.make_optimizer(optim)  # the preset's optimizer, with frozen parameters' updates set to zero

@@ -96,15 +96,15 @@ class Experiment:
     train_step: Callable  # jitted (state donated), skipping non-finite steps as `fit` does
     eval_step: Callable  # jitted; with a confusion matrix for classification
 
-    def pipeline(self, arrays, *, train: bool = True) -> data_lib.Pipeline:
+    def pipeline(self, arrays, *, train: bool = True, batch_size: int | None = None) -> data_lib.Pipeline:
         """A pipeline over other arrays (e.g. a subset of classes) with this run's preprocessing.
 
-        Train pipelines get the config's batch size and seed (no augmentation beyond the
-        normalisation); eval pipelines the eval batch size, in order.
+        Train pipelines get the config's batch size (or `batch_size`) and seed (no augmentation
+        beyond the normalisation); eval pipelines the eval batch size, in order.
         """
         d = self.config.data
-        return data_lib.Pipeline(arrays, d.batch_size if train else d.eval_batch_size, seed=d.seed, train=train,
-                                 augment=list(self.normalize) or None)
+        size = batch_size or (d.batch_size if train else d.eval_batch_size)
+        return data_lib.Pipeline(arrays, size, seed=d.seed, train=train, augment=list(self.normalize) or None)
 
 
 # ------------------------------------------------------------------ building blocks
