@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -138,3 +138,16 @@ def env_line(env: dict) -> str:
     versions = ", ".join(f"{k} {x}" for k, x in v.items() if x)
     return (f"{env['date']}; {m['cpu_model']} x {m['cpu_count']} cores; {versions}; load average "
             f"(1/5/15 min) at start {la0}, at end {la1}.")
+
+
+def publish(name: str, env: dict, args: Any, body: dict, markdown: Callable[[dict], str]) -> dict:
+    """Ends a benchmark run: records the final load average in `env`, prints the markdown table of
+    `{"benchmark": name, "environment": env, "config": vars(args), **body}` and writes both files
+    (unless `args.no_save`, into `args.out` or `results/`). Returns the result."""
+    finish(env)
+    result = {"benchmark": name, "environment": env, "config": vars(args), **body}
+    text = markdown(result)
+    print(text)
+    if not args.no_save:
+        print(f"wrote {write_results(name, result, text, args.out)}")
+    return result

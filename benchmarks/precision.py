@@ -84,13 +84,8 @@ def main(argv=None) -> int:
     env["jax_backend"] = jax.default_backend()
     start = time.perf_counter()
     workloads = {name: bench_workload(name, args.rounds, args.block_seconds) for name in args.workloads}
-    common.finish(env)
-    result = {"benchmark": "precision", "environment": env, "config": vars(args),
-              "seconds": time.perf_counter() - start, "workloads": workloads}
-    text = markdown(result)
-    print(text)
-    if not args.no_save:
-        print(f"wrote {common.write_results('precision', result, text, args.out)}")
+    common.publish("precision", env, args, {"seconds": time.perf_counter() - start, "workloads": workloads},
+                   markdown)
     return 0
 
 

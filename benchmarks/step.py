@@ -376,13 +376,7 @@ def main(argv=None) -> int:
     print(common.env_line(env), flush=True)
     start = time.perf_counter()
     workloads = {name: bench_workload(name, args) for name in args.workloads}
-    common.finish(env)
-    result = {"benchmark": "step", "environment": env, "config": vars(args),
-              "seconds": time.perf_counter() - start, "workloads": workloads}
-    text = markdown(result)
-    print(text)
-    if not args.no_save:
-        print(f"wrote {common.write_results('step', result, text, args.out)}")
+    common.publish("step", env, args, {"seconds": time.perf_counter() - start, "workloads": workloads}, markdown)
     return 0
 
 

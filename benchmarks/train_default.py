@@ -414,13 +414,7 @@ def main(argv=None) -> int:
     in_process = json.loads(lines[-1])
     in_process["load_average_before"] = la
     in_process["child_process"] = {k: c[k] for k in ("wall_s", "user_s", "sys_s", "cpu_s")}
-    common.finish(env)
-    result = {"benchmark": "train_default", "environment": env, "config": vars(args), "target_s": TARGET_S,
-              "cli": cli, "in_process": in_process}
-    text = markdown(result)
-    print(text)
-    if not args.no_save:
-        print(f"wrote {common.write_results('train_default', result, text, args.out)}")
+    common.publish("train_default", env, args, {"target_s": TARGET_S, "cli": cli, "in_process": in_process}, markdown)
     return 0
 
 

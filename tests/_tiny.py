@@ -30,3 +30,17 @@ class TinyBNDropout(nn.Module):
         x = nn.relu(x)
         x = nn.Dropout(self.rate, deterministic=not train)(x)
         return nn.Dense(self.classes)(x)
+
+
+class TinyNnxLinear:  # built lazily: a flax.nnx module class (one Linear on flattened inputs)
+    def __new__(cls, features_in: int = 64, classes: int = 10, seed: int = 0):
+        from flax import nnx
+
+        class Net(nnx.Module):
+            def __init__(self, rngs):
+                self.dense = nnx.Linear(features_in, classes, rngs=rngs)
+
+            def __call__(self, x):
+                return self.dense(x.reshape(len(x), -1))
+
+        return Net(nnx.Rngs(seed))

@@ -2,7 +2,6 @@
 parameters, bfloat16 training follows float32's loss curve, and float16's dynamic loss scale skips
 exactly the overflowing update, halves, and grows back."""
 import chex
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 import jnn
 from jnn import precision
-from tests._tiny import TinyBNDropout
+from tests._tiny import TinyBNDropout, TinyNnxLinear
 
 SPLITS = jnn.data.load("digits", val_fraction=0.1, seed=0)
 
@@ -79,15 +78,8 @@ def test_loss_scale_is_checkpointed(tmp_path):
 
 
 def test_any_model_nnx_and_batch_norm_runs_under_a_policy():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.dense = nnx.Linear(64, 10, rngs=rngs)
-
-        def __call__(self, x):
-            return self.dense(x.reshape(len(x), -1))
-
     x = SPLITS.train["inputs"][:32].reshape(32, -1)
-    for model in (Net(nnx.Rngs(0)), TinyBNDropout(classes=10, width=16, rate=0.1)):
+    for model in (TinyNnxLinear(), TinyBNDropout(classes=10, width=16, rate=0.1)):
         state = jnn.create_train_state(model, optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
         outputs, _ = state.model.apply(state.params, state.model_state, x, train=False)
         assert outputs.dtype == jnp.float32  # the output dtype

@@ -1,6 +1,5 @@
 """Int8 quantization with qwix: PTQ of the default CNN within a point of float accuracy, logits
 within a stated tolerance, sizes computed from the arrays; QAT trains with jnn's step."""
-import flax.nnx as nnx
 import jax
 import numpy as np
 import optax
@@ -8,6 +7,7 @@ import pytest
 
 import jnn
 from jnn import quantize
+from tests._tiny import TinyNnxLinear
 
 SPLITS = jnn.data.load("digits", val_fraction=0.1, seed=0)
 X, Y = SPLITS.test["inputs"], SPLITS.test["labels"]
@@ -52,14 +52,7 @@ def test_qat_trains_with_the_jnn_step_and_converts_to_int8():
 
 
 def test_quantize_refuses_what_it_cannot_do():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.dense = nnx.Linear(64, 10, rngs=rngs)
-
-        def __call__(self, x):
-            return self.dense(x.reshape(len(x), -1))
-
-    state = jnn.create_train_state(Net(nnx.Rngs(0)), optax.sgd(0.1), X[:1], 0)
+    state = jnn.create_train_state(TinyNnxLinear(), optax.sgd(0.1), X[:1], 0)
     with pytest.raises(ValueError, match=r"created from a flax.nnx module; jnn.quantize covers linen"):
         quantize.ptq(state)
     with pytest.raises(ValueError, match=r"weight='int3'; expected one of \['int8', 'int4'\]"):
