@@ -111,3 +111,16 @@ def test_pruning_example_reports_sparsity_and_accuracy(capsys):
     rows = _load("pruning").main(["--debug"])
     assert [r["variant"] for r in rows] == ["dense", "50% layer", "90% global"]  # --debug: two variants
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
+
+
+def test_mixed_precision_example_trains_every_policy(capsys):
+    rows = _load("mixed_precision").main(["--debug"])
+    assert [r["policy"] for r in rows] == ["float32", "mixed_bf16", "mixed_f16"]
+    assert all(r["params_dtype"] == "float32" for r in rows) and rows[2]["loss_scale"] is not None
+    assert "largest gap between the bf16 and float32 loss curves" in capsys.readouterr().out
+
+
+def test_int8_example_reports_accuracy_logit_difference_and_size(capsys):
+    rows = _load("int8").main(["--debug"])
+    assert [r["model"] for r in rows] == ["float32", "int8 PTQ", "QAT -> int8"]
+    assert rows[1]["bytes"] < rows[0]["bytes"] / 3.5
