@@ -16,11 +16,9 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--debug", action="store_true", help="a few steps")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    from jnn import cli
+
+    return cli.add_demo_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), 400).parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -54,13 +52,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def table(rows: list[dict]) -> str:
+    """The rows as a text table; the change is against the first (float) row."""
+    header = f"{'model':12s} {'test acc':>8s} {'change':>7s} {'max |logit diff|':>16s} {'bytes':>9s}"
+    return "\n".join([header] + [
+        f"{r['model']:12s} {r['test_accuracy']:8.4f} {r['test_accuracy'] - rows[0]['test_accuracy']:+7.4f} "
+        f"{r['max_logit_diff']:16.3f} {r['bytes']:9,d}" for r in rows])
+
+
 def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    rows = run(args)
-    print(f"{'model':12s} {'test acc':>8s} {'change':>7s} {'max |logit diff|':>16s} {'bytes':>9s}")
-    for r in rows:
-        print(f"{r['model']:12s} {r['test_accuracy']:8.4f} {r['test_accuracy'] - rows[0]['test_accuracy']:+7.4f} "
-              f"{r['max_logit_diff']:16.3f} {r['bytes']:9,d}")
+    rows = run(parse_args(argv))
+    print(table(rows))
     return rows
 
 

@@ -17,11 +17,9 @@ import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--debug", action="store_true", help="a few steps per policy")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    from jnn import cli
+
+    return cli.add_demo_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), 300).parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

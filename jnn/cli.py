@@ -27,6 +27,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def add_demo_arguments(parser: argparse.ArgumentParser, steps: int) -> argparse.ArgumentParser:
+    """Adds --debug, --steps and --seed: the flags of the examples that compare variants on the digits."""
+    parser.add_argument("--debug", action="store_true", help="a few steps per variant: the code path only")
+    parser.add_argument("--steps", type=int, default=steps, help="training steps per variant")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
 def default_run_dir(name: str, debug: bool = False) -> str:
     """`runs/<name>[-debug]-<YYYYmmdd-HHMMSS>`."""
     return os.path.join("runs", f"{name}{'-debug' if debug else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
