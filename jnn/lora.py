@@ -147,6 +147,13 @@ def apply(state: TrainState, lora: LoRA, tx: optax.GradientTransformation, rng: 
     if getattr(state.model, "reparam", None) is not None:
         raise ValueError("LoRA.apply: the state already has adapters. Fix: merge them first "
                          "(jnn.lora.merge) and build a new state, or keep training these.")
+    from jnn.pruning import masks  # noqa: PLC0415 - jnn.pruning imports jnn.optim, as this module does
+
+    if masks(state.opt_state) is not None or masks(tx.init(state.params)) is not None:
+        raise ValueError("LoRA.apply: the optimizer prunes (a jnn.pruning transform is in its chain); with "
+                         "adapters it would prune the adapters, not the model's weights. Fix: prune the model "
+                         "first and add adapters to the pruned state with an optimizer that does not prune, "
+                         "or merge the adapters (jnn.lora.merge) and prune the merged model.")
     adapters = init_adapters(state.params, lora, rng)
     params = {"base": state.params, "lora": adapters}
     if lora.train_base:

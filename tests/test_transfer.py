@@ -147,3 +147,11 @@ def test_bad_lora_and_transfer_inputs_are_refused(pretrained, tmp_path):
         load_pretrained(trained, tmp_path / "nothing.msgpack")
     with pytest.raises(ValueError, match=r"no array of the source matches the model"):
         load_pretrained(trained, {"other": {"kernel": np.zeros((2, 2))}})
+
+
+def test_lora_refuses_an_optimizer_that_prunes(pretrained):
+    """Pruning under LoRA would prune the adapters and report a sparsity far from the target."""
+    trained, _ = pretrained
+    pruning_tx = optax.chain(optax.adam(1e-3), jnn.pruning.Pruning(0.5, end_step=4).transform())
+    with pytest.raises(ValueError, match=r"the optimizer prunes .*it would prune the adapters, not the model"):
+        lora_lib.apply(trained, lora_lib.LoRA(rank=2), pruning_tx)
