@@ -1,6 +1,7 @@
-"""Names, in one place: the error for a name that is not in a registry (losses, optimizers,
-schedules, presets, models, config keys), and parameter paths as the "a/b/kernel" strings that
-freeze, learning-rate-group, LoRA and pruning patterns match."""
+"""Names and fields, in one place: the error for a name that is not in a registry (losses,
+optimizers, schedules, presets, models, config keys), the error for a config field out of its
+range, and parameter paths as the "a/b/kernel" strings that freeze, learning-rate-group, LoRA and
+pruning patterns match."""
 from __future__ import annotations
 
 import difflib
@@ -44,3 +45,14 @@ def check_patterns(tree: Any, patterns: Sequence[str], where: str) -> list[re.Pa
             raise ValueError(f"{where}: pattern {pattern!r} matches no parameter; the parameter paths are "
                              f"{paths}. Fix: a regular expression on one of them, e.g. '^{paths[0].split('/')[0]}/'.")
     return compiled
+
+
+def check_fields(where: str, config: Any, rules: dict[str, tuple[bool, str]]) -> None:
+    """Raises a `ValueError` naming the first field whose rule fails: `{field: (ok, expected)}`.
+
+    Every config checks its fields when it is built, before anything runs.
+    """
+    for field, (ok, expected) in rules.items():
+        if not ok:
+            raise ValueError(f"{where}: {field}={getattr(config, field)!r}; expected {field} {expected}. "
+                             f"Fix: choose {field} {expected} (in a config file or with --set).")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jnn.optim import check_fields
+from jnn._names import check_fields
 from jnn.train.state import TrainState
 from jnn.train.step import Step, make_eval_step, make_train_step, resolve_loss, step_rng
 

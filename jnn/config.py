@@ -12,7 +12,8 @@ import json
 from typing import Any, Iterable, Mapping
 
 from jnn._names import unknown
-from jnn.optim import OptimConfig, check_fields
+from jnn._names import check_fields
+from jnn.optim import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,23 +1,15 @@
 """A whole run from a `Config`: data, model, optimizer, state, fit, test report, run directory.
 
-This is what `jnn train` and `jnn eval` do, as importable functions (`train`, `evaluate_run`), so
-examples and research code can run a config without the command line.
-
-Run directory layout:
-  config.json       the full config (written first; a resume reads it back)
-  metrics.jsonl     one JSON record per log / evaluation (appended, never truncated)
-  tb/               TensorBoard event files
-  curves.png        loss / accuracy / learning-rate curves
-  checkpoints/      orbax steps (latest k + best), with the data iterator's position
-  test_metrics.json the final test evaluation, with the per-class report
+This is what `jnn train` and `jnn eval` do, as importable functions (`train`, `resume`,
+`evaluate_run`), so examples and research code can run a config without the command line. The
+run directory's layout and rules are in `jnn._run_dir`; the toolbox options (adversarial,
+fine-tuning, int8, multi-process) in `jnn._run_options`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -25,29 +17,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jnn import adversarial as adversarial_lib
 from jnn import data as data_lib
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
 from jnn import models as models_lib
-from jnn import lora as lora_lib
 from jnn import optim as optim_lib
 from jnn import pruning as pruning_lib
 from jnn import quantize as quantize_lib
-from jnn import transfer as transfer_lib
+from jnn._run_dir import (CHECKPOINTS, CONFIG_FILE, TEST_FILE, RunDirError, check_resumable, check_run_dir,
+                          has_checkpoints, jsonable, read_config, with_data_dir, write_json)
+from jnn._run_options import across_processes, attack_of, fine_tuning, report_lines, test_extras, train_step_of
 from jnn.checkpoint import Checkpointer, CheckpointError, check_space
-from jnn.config import Config, from_dict, to_dict
+from jnn.config import Config, to_dict
 from jnn.optim import make_optimizer
 from jnn.train.loop import EarlyStopping, evaluate, fit
 from jnn.train.state import TrainState, create_train_state
-from jnn.train.step import check_batch, make_eval_step, make_train_step
-from jnn.writers import make_run_writers
-
-CONFIG_FILE, TEST_FILE, CHECKPOINTS = "config.json", "test_metrics.json", "checkpoints"
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked (exists already, or has nothing to resume)."""
+from jnn.train.step import check_batch, make_eval_step
+from jnn.writers import make_run_writers, preload as preload_writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,78 +190,16 @@ def build(config: Config) -> Experiment:
     loss_fn = losses_lib.get(config.train.loss, **(
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
     classification = splits.train["labels"].ndim == 1 and splits.num_classes > 1
-    attack = attack_of(config)
-    if attack is None:
-        train_step = make_train_step(loss_fn, on_nonfinite="skip")
-    else:
-        train_step = adversarial_lib.make_adversarial_train_step(loss_fn, attack, mix=config.train.adversarial_mix,
-                                                                 on_nonfinite="skip")
+    train_step = train_step_of(config, loss_fn)
     eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
     state = create_train_state(model, tx, example, config.train.seed, precision=config.train.precision)
-    state, note = _fine_tuning(config, state, note)
+    state, note = fine_tuning(config, state, note)
     if jax.process_count() > 1:
-        train_step, eval_step, state = _across_processes(train_step, eval_step, state)
+        train_step, eval_step, state = across_processes(train_step, eval_step, state)
     else:
         train_step = jax.jit(train_step, donate_argnums=0)
     return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize),
                       train_step, eval_step)
-
-
-def _fine_tuning(config: Config, state: TrainState, note: str | None) -> tuple[TrainState, str | None]:
-    """`train.init_from` (pretrained weights, new layers kept) and `train.lora_rank` (adapters)."""
-    t, notes = config.train, [note] if note else []
-    if t.init_from:
-        state, report = transfer_lib.load_pretrained(state, t.init_from, skip_mismatched=True)
-        notes.append(f"initialised from {t.init_from}: {str(report).splitlines()[0]}"
-                     + "".join(f"; {line.strip()}" for line in str(report).splitlines()[1:]))
-    if t.lora_rank:
-        state = lora_lib.apply(state, lora_lib.LoRA(t.lora_rank, t.lora_alpha, tuple(t.lora_targets)), state.tx)
-        notes.append(f"LoRA rank {t.lora_rank}: {lora_lib.trainable_count(state):,} trainable parameters")
-    return state, "\n".join(notes) or None
-
-
-def attack_of(config: Config) -> adversarial_lib.PGD | None:
-    """The adversarial attack a config trains against (None without `train.adversarial`)."""
-    t = config.train
-    if t.adversarial is None:
-        return None
-    clip = None if config.data.normalize else (0.0, 1.0)  # jnn's image loaders scale to [0, 1]
-    if t.adversarial == "fgsm":
-        return adversarial_lib.fgsm(t.adversarial_epsilon, clip=clip)
-    return adversarial_lib.PGD(t.adversarial_epsilon, steps=t.adversarial_steps, norm=t.adversarial_norm, clip=clip)
-
-
-def _across_processes(train_step, eval_step, state):
-    """A multi-process run (`jax.distributed` initialised): data parallel over every device.
-
-    Each process loads its own block of every batch (the train Pipeline's default shard is the
-    process index, so `data.batch_size` is per process) and the step is `parallel.data_parallel`
-    over all devices (replicated state). Evaluation needs no collective: every process evaluates
-    the whole split on its own replica, so every process takes the same early-stopping and
-    best-checkpoint decisions. Metrics come back as this process's copy.
-    """
-    from jnn import parallel
-
-    step = parallel.data_parallel(train_step, parallel.make_mesh())
-
-    def distributed_step(state, batch):
-        state, metrics = step(state, step.shard_batch(batch))
-        return state, _local(metrics)
-
-    def local_eval_step(state, batch):
-        return eval_step(_local(state), batch)
-
-    return distributed_step, local_eval_step, step.shard_state(state)
-
-
-def _local(tree):
-    """This process's copy of every replicated array of `tree` (tracers and local arrays as they are)."""
-    def local(x):
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable:
-            return x.addressable_shards[0].data
-        return x
-
-    return jax.tree.map(local, tree)
 
 
 def _is_main() -> bool:
@@ -310,7 +234,7 @@ def check_run(exp: Experiment, stop_at: int | None = None) -> None:
                          f"step {t.steps} anyway. Fix: pass a smaller --stop-at, or none.")
     first = next(iter(exp.train_data.numpy_iterator()))  # the first batch, augmented, without threads
     check_batch(exp.state, first, where="jnn train")
-    jax.eval_shape(make_train_step(exp.loss_fn), exp.state, first)  # the model and the loss take it
+    jax.eval_shape(train_step_of(exp.config, exp.loss_fn), exp.state, first)  # the model and the loss take it
     n = min(len(exp.splits.train["labels"]), exp.config.data.eval_batch_size)
     batch = {**jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype), exp.splits.train),
              "mask": jax.ShapeDtypeStruct((n,), jnp.float32)}
@@ -322,49 +246,6 @@ def check_run(exp: Experiment, stop_at: int | None = None) -> None:
         if metric and metric not in names:
             raise ValueError(f"{key}={metric!r} is not an evaluation metric of this run; expected one of "
                              f"{names}. Fix: --set {key}={'accuracy' if 'accuracy' in names else names[0]}.")
-
-
-def _has_checkpoints(run_dir: str) -> bool:
-    ckpt = os.path.join(run_dir, CHECKPOINTS)
-    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
-
-
-def check_resumable(run_dir: str) -> None:
-    """Raises RunDirError unless `run_dir` holds checkpoints to resume from."""
-    run_dir = os.path.abspath(run_dir)
-    if not _has_checkpoints(run_dir):
-        raise RunDirError(
-            f"--resume {run_dir}: no checkpoint there; expected {os.path.join(run_dir, CHECKPOINTS)}/<step>. "
-            f"Fix: start a new run with `jnn train`, or point --resume to a run that saved checkpoints.")
-
-
-def read_config(run_dir: str) -> Config:
-    """The config a run directory was trained with."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise RunDirError(
-            f"{run_dir} has no {CONFIG_FILE}; expected a run directory written by `jnn train`. "
-            f"Fix: pass the directory `jnn train` printed at its start.")
-    with open(path, encoding="utf-8") as f:
-        return from_dict(json.load(f))
-
-
-def _check_run_dir(config: Config, run_dir: str, resume: bool) -> None:
-    if resume:
-        check_resumable(run_dir)
-        saved = read_config(run_dir)
-        moved = dataclasses.replace(saved, data=dataclasses.replace(saved.data, data_dir=config.data.data_dir))
-        if to_dict(moved) != to_dict(config):  # only the data directory may change (data moved)
-            raise RunDirError(
-                f"--resume {run_dir}: the given config differs from the run's {CONFIG_FILE}; a resumed run "
-                f"must use the config it started with. Fix: resume without --preset/--set, or start a new run.")
-    elif _has_checkpoints(run_dir) or (os.path.exists(os.path.join(run_dir, CONFIG_FILE))
-                                       and to_dict(read_config(run_dir)) != to_dict(config)):
-        # A directory with only the same config.json is a first attempt that failed before its
-        # first checkpoint: starting it again loses nothing.
-        raise RunDirError(
-            f"run directory {run_dir} already holds a run; refusing to overwrite it. "
-            f"Fix: `jnn train --resume {run_dir}` to continue it, or choose another --run-dir.")
 
 
 def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool | None = None,
@@ -386,16 +267,15 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
     """
     start = time.perf_counter()
     run_dir = os.path.abspath(run_dir)
-    _check_run_dir(config, run_dir, resume)
-    threading.Thread(target=_import_writers, daemon=True).start()  # overlaps the compilation below
+    check_run_dir(config, run_dir, resume)
+    preload_writers()  # in a thread, overlapping the compilation below
     exp = build(config)  # any data or model error is raised here, before anything is written
     check_run(exp, stop_at)
     t = config.train  # the checkpoints the run keeps at once: keep, the best, and the one being written
     check_space(os.path.join(run_dir, CHECKPOINTS), exp.state, copies=t.keep + 1 + (t.best_metric is not None))
     os.makedirs(run_dir, exist_ok=True)
     if not resume and _is_main():
-        with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(to_dict(config), f, indent=2)
+        write_json(run_dir, CONFIG_FILE, to_dict(config))
     if exp.note:
         _say(out, f"note: {exp.note}")
     state, data_state, test = exp.state, None, None
@@ -428,8 +308,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
                 if best_step is not None and best_step != int(final.step):
                     final, _ = checkpointer.restore(result.state, step=best_step)  # exp.state was donated
                 test = evaluate(final, exp.eval_data("test"), exp.eval_step)
-                test.update(_robust(exp, final))
-                test.update(_quantized(exp, final))
+                test.update(test_extras(config, exp.loss_fn, final, lambda: exp.eval_data("test")))
                 writer.write(int(final.step), test, "test")
         finally:
             writer.close()
@@ -438,8 +317,7 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
         _say(out, f"stopped at step {int(final.step)} of {t.steps}; continue with `jnn train --resume {run_dir}`")
     else:
         if _is_main():
-            with open(os.path.join(run_dir, TEST_FILE), "w", encoding="utf-8") as f:
-                json.dump(_jsonable(test), f, indent=2)
+            write_json(run_dir, TEST_FILE, jsonable(test))
         _say(out, _report_text(exp, test))
         if config.optim.prune_sparsity:
             zeros = pruning_lib.sparsity_report(final.params, optim_lib.pruning(run_optim(config)))
@@ -460,34 +338,8 @@ def resume(run_dir: str, *, data_dir: str | None = None, progress: bool | None =
       progress, stop_at, out: as for `train`.
     """
     check_resumable(run_dir)
-    config = read_config(run_dir)
-    if data_dir:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
+    config = with_data_dir(read_config(run_dir), data_dir or None)
     return train(config, run_dir, resume=True, progress=progress, stop_at=stop_at, out=out)
-
-
-def _robust(exp: Experiment, state: TrainState) -> dict[str, float]:
-    """The test accuracy and loss under the attack the run trained against (empty without one)."""
-    attack = attack_of(exp.config)
-    if attack is None:
-        return {}
-    step = jax.jit(adversarial_lib.make_robust_eval_step(exp.loss_fn, attack))
-    if jax.process_count() > 1:  # like the eval step: on this process's replica
-        step = (lambda jitted: lambda s, b: jitted(_local(s), b))(step)
-    robust = evaluate(state, exp.eval_data("test"), step)
-    return {f"adversarial_{k}": v for k, v in robust.items() if k in ("accuracy", "loss")}
-
-
-def _quantized(exp: Experiment, state: TrainState) -> dict[str, float]:
-    """`train.quantize="int8"`: the int8 model's test accuracy, its size and the float model's."""
-    if exp.config.train.quantize is None:
-        return {}
-    quantized = quantize_lib.ptq(_local(state))
-    correct = total = 0
-    for batch in exp.eval_data("test"):
-        correct += int((np.asarray(quantized(batch["inputs"])).argmax(-1) == batch["labels"]).sum())
-        total += len(batch["labels"])
-    return {"int8_accuracy": correct / total, "int8_bytes": quantized.nbytes, "float_bytes": quantized.float_nbytes}
 
 
 def _say_history(out, history: list[dict]) -> None:
@@ -500,15 +352,6 @@ def _say_history(out, history: list[dict]) -> None:
                   f"diverging run); none of them was applied")
 
 
-def _import_writers() -> None:
-    """Imports tensorboardX and matplotlib while XLA compiles, which frees the GIL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-    import tensorboardX  # noqa: F401
-
-
 def _line(record: dict) -> str:
     values = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "split"))
     return f"[{record['split']}] step {record['step']}  {values}"
@@ -517,21 +360,8 @@ def _line(record: dict) -> str:
 def _report_text(exp: Experiment, test: dict) -> str:
     if "report" not in test:
         return "test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if np.ndim(v) == 0)
-    text = "test split, per class:\n" + metrics_lib.format_report(test["report"], exp.splits.class_names)
-    if "int8_accuracy" in test:
-        text += (f"\nint8 (qwix PTQ, w8a8): accuracy {test['int8_accuracy']:.4f}, parameters "
-                 f"{test['float_bytes']:,} -> {test['int8_bytes']:,} bytes")
-    if "adversarial_accuracy" in test:
-        text += (f"\nunder the training attack ({exp.config.train.adversarial}, epsilon "
-                 f"{exp.config.train.adversarial_epsilon}): accuracy {test['adversarial_accuracy']:.4f}")
-    return text
-
-
-def _jsonable(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _jsonable(v) for k, v in tree.items()}
-    value = np.asarray(tree)
-    return value.item() if value.ndim == 0 else value.tolist()
+    return ("test split, per class:\n" + metrics_lib.format_report(test["report"], exp.splits.class_names)
+            + report_lines(exp.config, test))
 
 
 def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None = None,
@@ -542,10 +372,8 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
       RunDirError / CheckpointError: not a run directory, or no usable checkpoint.
     """
     run_dir = os.path.abspath(run_dir)
-    config = read_config(run_dir)
-    if data_dir is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
-    if not _has_checkpoints(run_dir):
+    config = with_data_dir(read_config(run_dir), data_dir)
+    if not has_checkpoints(run_dir):
         raise RunDirError(f"{run_dir} has no checkpoints to evaluate; expected {CHECKPOINTS}/<step> folders.")
     exp = build(config)
     t = config.train
@@ -561,5 +389,5 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
     return test
 
 
-__all__ = ["Experiment", "RunDirError", "RunResult", "CheckpointError", "build", "check_resumable", "check_run", "evaluate_run",
-           "load_data", "read_config", "resize_images", "resume", "train"]
+__all__ = ["Experiment", "RunDirError", "RunResult", "CheckpointError", "attack_of", "build", "check_resumable",
+           "check_run", "evaluate_run", "load_data", "read_config", "resize_images", "resume", "train"]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jnn._names import check_patterns, path_str
-from jnn.optim import check_fields
+from jnn._names import check_fields
 from jnn.train.state import TrainState
 from jnn.transfer import flatten
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnn._names import unknown
-from jnn.optim import check_fields
+from jnn._names import check_fields
 
 PyTree = Any
 DTYPES = ("float32", "bfloat16", "float16")

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from jnn._names import check_patterns, path_str
-from jnn.optim import check_fields
+from jnn._names import check_fields
 
 PyTree = Any
 

@@ -6,94 +6,20 @@ together, and evaluation accumulates on device and is read once per evaluation.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 
-from jnn import metrics as metrics_lib
+from jnn.train.early_stopping import EarlyStopping
+from jnn.train.evaluation import evaluate, pad_batch  # noqa: F401 - jnn.train.loop.pad_batch
 from jnn.train.state import TrainState
 from jnn.train.step import check_batch, make_eval_step, make_train_step
 
 Batch = Mapping[str, Any]
 _EARLY_STOPPING = "early_stopping"  # the key of the early-stopping counters in a checkpoint's data state
-
-
-@dataclasses.dataclass
-class EarlyStopping:
-    """Stops when `metric` has not improved by `min_delta` for `patience` evaluations.
-
-    It saves and restores its own counters (`state_dict` / `load_state_dict`, as flax's
-    `training.early_stopping` does), so a resumed run keeps its best value and patience.
-
-    Attributes:
-      metric: an evaluation metric name, e.g. "accuracy" or "loss".
-      mode: "max" if larger is better, "min" otherwise.
-      patience: evaluations without improvement before stopping.
-      min_delta: the smallest change that counts as an improvement.
-      best, best_step, best_record: the best value, its step and its whole evaluation record.
-      wait: evaluations since the best one.
-    """
-
-    metric: str = "accuracy"
-    mode: str = "max"
-    patience: int = 5
-    min_delta: float = 0.0
-    best: float | None = None
-    best_step: int | None = None
-    wait: int = 0
-    best_record: dict | None = None
-
-    def __post_init__(self):
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"EarlyStopping.mode must be 'max' or 'min'; got {self.mode!r}.")
-
-    @property
-    def should_stop(self) -> bool:
-        return self.wait >= self.patience
-
-    def improved(self, value: float) -> bool:
-        if self.best is None or math.isnan(self.best):
-            return not math.isnan(value)
-        delta = value - self.best if self.mode == "max" else self.best - value
-        return delta > self.min_delta
-
-    def update(self, step: int, metrics: Mapping[str, float]) -> bool:
-        """Records an evaluation; returns True when training should stop."""
-        if self.metric not in metrics:
-            raise ValueError(
-                f"EarlyStopping: metric {self.metric!r} is not among the evaluation metrics "
-                f"{sorted(metrics)}. Fix: choose one of those.")
-        value = float(metrics[self.metric])
-        if self.improved(value):
-            self.best, self.best_step, self.wait = value, step, 0
-            self.best_record = {"step": step, **metrics}
-            return False
-        self.wait += 1
-        return self.should_stop
-
-    def state_dict(self) -> dict:
-        """The counters, JSON-serialisable (saved with each checkpoint's data state)."""
-        return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_step": self.best_step,
-                "wait": self.wait, "best_record": self.best_record}
-
-    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-        """Restores counters saved by `state_dict`.
-
-        Raises:
-          ValueError: they were saved for another metric or mode.
-        """
-        if (saved.get("metric"), saved.get("mode")) != (self.metric, self.mode):
-            raise ValueError(
-                f"fit: the checkpoint's early-stopping counters are for metric {saved.get('metric')!r} "
-                f"({saved.get('mode')}), but early_stopping watches {self.metric!r} ({self.mode}). Fix: resume "
-                f"with the same EarlyStopping, or drop 'early_stopping' from data_state to start its "
-                f"patience anew.")
-        self.best, self.best_step, self.wait = saved["best"], saved["best_step"], saved["wait"]
-        self.best_record = saved.get("best_record")
 
 
 @dataclasses.dataclass
@@ -111,63 +37,6 @@ class FitResult:
     best: dict | None
     stopped_early: bool
     data_state: dict | None
-
-
-def pad_batch(batch: Batch, size: int) -> dict:
-    """Pads a (last, partial) batch to `size` examples with a zero "mask" on the padding.
-
-    Every entry may be an array or a pytree of arrays (e.g. inputs as a tuple or dict).
-    """
-    n = len(jax.tree.leaves(batch["labels"])[0])
-    mask = np.asarray(batch.get("mask", np.ones(n, np.float32)), np.float32)
-    if n == size:
-        return {**batch, "mask": mask}
-    if n > size:
-        raise ValueError(f"pad_batch: batch has {n} examples, more than the padded size {size}.")
-
-    def pad(a):
-        a = np.asarray(a)
-        return np.concatenate([a, np.zeros((size - n,) + a.shape[1:], a.dtype)])
-
-    padded = jax.tree.map(pad, {k: v for k, v in batch.items() if k != "mask"})
-    return {**padded, "mask": pad(mask)}
-
-
-def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | None = None, *,
-             loss_fn: Any = None, confusion: bool = False) -> dict[str, Any]:
-    """Evaluates `state` over `data`, accumulating on device and reading once at the end.
-
-    Batches are padded with a mask to `data.batch_size` when `data` has one (a `jnn.data.Pipeline`),
-    else to the first batch's size, so neither a last partial batch nor another split of the same
-    batch size recompiles the step, and the padding does not change the result.
-
-    Args:
-      state: the state to evaluate.
-      data: an iterable of batches (e.g. a `jnn.data.Pipeline(..., train=False)`).
-      eval_step: a (jitted) step from `make_eval_step`; built from `loss_fn` when None.
-      loss_fn: the loss, when `eval_step` is None.
-      confusion: also return the confusion matrix and a per-class report (when `eval_step` is None).
-
-    Returns:
-      The computed metrics, e.g. {"loss": 0.05, "accuracy": 0.99, "confusion": (C, C) array,
-      "report": {...}} (the last two only with a confusion matrix).
-    """
-    if eval_step is None:
-        if loss_fn is None:
-            raise ValueError("evaluate: pass eval_step or loss_fn.")
-        eval_step = jax.jit(make_eval_step(loss_fn, confusion=confusion))
-    total = None
-    size = getattr(data, "batch_size", None)  # a Pipeline: pad every split to the same shape
-    size = size if isinstance(size, int) else None
-    for batch in data:
-        size = size or len(jax.tree.leaves(batch["labels"])[0])
-        total = metrics_lib.merge(total, eval_step(state, pad_batch(batch, size)))
-    if total is None:
-        raise ValueError("evaluate: the evaluation data yielded no batches.")
-    result = metrics_lib.compute(total)
-    if "confusion" in result:
-        result["report"] = metrics_lib.classification_report(np.asarray(result["confusion"]))
-    return result
 
 
 class NonFiniteError(ValueError):

@@ -16,6 +16,7 @@ import optax
 from flax import struct
 
 from jnn.train import model as model_lib
+from jnn.train import nnx_model
 
 PyTree = Any
 
@@ -193,13 +194,13 @@ def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: A
     example_inputs = _as_inputs(example_inputs, "create_train_state")
     model_lib.check_call_args(model, example_inputs, "create_train_state")
 
-    if model_lib.is_nnx(model):
+    if nnx_model.is_nnx(model):
         if train_kwarg not in (model_lib.AUTO, None) or init_kwargs or rng_streams:
             raise ValueError(
                 "create_train_state: an nnx module is already initialised and switches mode with "
                 ".train()/.eval(); train_kwarg=, rng_streams= and init keyword arguments apply to "
                 "linen modules only. Fix: drop them.")
-        adapter, params, model_state = model_lib.split_nnx(model)
+        adapter, params, model_state = nnx_model.split_nnx(model)
 
         def nnx_init(rng, x, params, model_state):
             return params, tx.init(params), model_state, _state_rng(rng, seed)[3]
