@@ -73,15 +73,22 @@ JNN_TRAIN = [sys.executable, "-m", "jnn.cli", "train", "--debug", "--timeout", s
 
 @pytest.mark.slow
 def test_missing_peer_exits_with_a_jnn_message_within_timeout_plus_5_s(tmp_path):
-    """Process 1 of 2 whose coordinator never starts: one jnn line, PEER_EXIT_CODE, no hang."""
+    """Process 1 of 2 whose coordinator never starts: one jnn line, PEER_EXIT_CODE, no hang.
+
+    The bound is on the time past a bare `import jnn` in a fresh process under the same load (the
+    timeout counts from `jax.distributed.initialize`, not from the interpreter's start)."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import jnn.cli, jax; jax.devices()"], check=True)
+    startup = time.monotonic() - start
     start = time.monotonic()
     proc = subprocess.run(JNN_TRAIN + ["--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
                           env=_jnn_train_env(parallel.free_port(), 1), timeout=HANG_LIMIT_S)
     elapsed = time.monotonic() - start
-    print(f"missing peer: exit code {proc.returncode} after {elapsed:.1f} s (timeout {INIT_TIMEOUT_S} s)")
+    print(f"missing peer: exit code {proc.returncode} after {elapsed:.1f} s, {startup:.1f} s of it the start-up "
+          f"(timeout {INIT_TIMEOUT_S} s)")
     assert proc.returncode == parallel.PEER_EXIT_CODE, proc.stderr[-2000:]
     assert "jnn: process 1 of 2: the 2 processes did not all connect" in proc.stderr
-    assert elapsed <= INIT_TIMEOUT_S + 5
+    assert elapsed - startup <= INIT_TIMEOUT_S + 5
     assert not (tmp_path / "run").exists()  # nothing written
 
 

@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 
-from jnn.data._errors import DIGITS_HINT, DataError, MissingDataError
+from jnn.data._errors import DIGITS_HINT, DataError, MissingDataError, data_dir_or_raise
 from jnn.data._splits import Splits, make_splits
 
 CLASS_NAMES = (
@@ -59,16 +59,7 @@ def find_cifar10_dir(data_dir: str | os.PathLike | None) -> tuple[str, str]:
         f"Download the CIFAR-10 python (or binary) version from {CIFAR_URL} and extract it into "
         f"{{dir}}. {DIGITS_HINT}"
     )
-    if data_dir is None:
-        raise MissingDataError(
-            f"cifar10 needs data_dir, holding {expected}. " + fix.format(dir="it")
-        )
-    data_dir = os.fspath(data_dir)
-    if not os.path.isdir(data_dir):
-        raise MissingDataError(
-            f"CIFAR-10 data directory {data_dir!r} does not exist; expected it to hold {expected}. "
-            + fix.format(dir=repr(data_dir))
-        )
+    data_dir = data_dir_or_raise(data_dir, "cifar10", "CIFAR-10", expected, fix)
     for directory in (data_dir, os.path.join(data_dir, "cifar-10-batches-py"),
                       os.path.join(data_dir, "cifar-10-batches-bin")):  # fmt: skip
         for fmt, suffix in (("py", ""), ("bin", ".bin")):

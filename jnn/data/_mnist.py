@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from jnn.data._errors import DIGITS_HINT, DataError, MissingDataError
+from jnn.data._errors import DIGITS_HINT, DataError, MissingDataError, data_dir_or_raise
 from jnn.data._splits import Splits, make_splits
 
 # IDX magic number: two zero bytes, a type code, and the number of dimensions.
@@ -103,16 +103,7 @@ def find_mnist_files(data_dir: str | os.PathLike | None) -> dict[str, str]:
     """
     expected = ", ".join(f"{name}[.gz]" for name in FILES.values())
     fix = f"Download MNIST's four IDX files from {MNIST_URL} into {{dir}}. {DIGITS_HINT}"
-    if data_dir is None:
-        raise MissingDataError(
-            f"mnist needs data_dir, a directory holding {expected}. " + fix.format(dir="it")
-        )
-    data_dir = os.fspath(data_dir)
-    if not os.path.isdir(data_dir):
-        raise MissingDataError(
-            f"MNIST data directory {data_dir!r} does not exist; expected it to hold {expected}. "
-            + fix.format(dir=repr(data_dir))
-        )
+    data_dir = data_dir_or_raise(data_dir, "mnist", "MNIST", expected, fix)
     found, missing = {}, []
     for key, base in FILES.items():
         names = (
