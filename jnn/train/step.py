@@ -310,19 +310,20 @@ def make_train_step(
             scale = 1.0 / jnp.maximum(weight, 1e-12)
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
             loss = loss * scale
-        new_state = state.apply_gradients(grads, model_state=new_model_state, value=loss)
         out = {"loss": loss}
         guarded = on_nonfinite != "apply" or loss_scale is not None
         norm = optax.tree.norm(grads) if "grad_norm" in want or guarded else None
-        if guarded:  # keep the old state, bitwise, when anything is not finite
+        update = lambda: state.apply_gradients(grads, model_state=new_model_state, value=loss)  # noqa: E731
+        if not guarded:
+            new_state = update()
+        else:  # keep the old state, bitwise, when anything is not finite (`step` still advances)
             # The gradient's global norm is finite exactly when every gradient is (short of a norm
-            # that overflows float32, |g| ~ 1e19, which counts as non-finite too).
+            # that overflows float32, |g| ~ 1e19, which counts as non-finite too). A cond, not a
+            # select of the whole state: the update then writes in place into the donated buffers,
+            # where a select must first copy the old optimizer state (measured in benchmarks/README.md).
             loss_ok = jnp.isfinite(loss) & _all_finite(new_model_state)
             finite = loss_ok & jnp.isfinite(norm)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            new_state = new_state.replace(params=keep(new_state.params, state.params),
-                                          opt_state=keep(new_state.opt_state, state.opt_state),
-                                          model_state=keep(new_state.model_state, state.model_state))
+            new_state = lax.cond(finite, update, lambda: state.replace(step=state.step + 1))
             if loss_scale is not None:  # an overflow is the loss scale's business: halve it, skip
                 new_state = new_state.replace(loss_scale=precision_lib.adjust(
                     loss_scale, jnp.isfinite(norm), state.model.precision))
