@@ -6,7 +6,7 @@ that names the batch size, the device count and the fix. The fast path pays noth
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -116,3 +116,17 @@ def diagnose_stacked(state: PyTree, batch: PyTree, n_devices: int, devices, *, w
                 f"{leaf.shape[1] if leaf.ndim > 1 else '?'} examples) lives on "
                 f"{_devices_str(leaf.sharding.device_set)}, but the step runs on "
                 f"{_devices_str(device_set)}. Fix: {shard_fix}.")
+
+
+def call_or_explain(fn: Callable, state: PyTree, batch: PyTree, explain: Callable[[], None]):
+    """`fn(state, batch)`; when it raises, `explain()` raises a `ValueError` that says what the
+    caller got wrong (chained to the original error), or the original error propagates. The
+    diagnosis costs nothing on the normal path."""
+    try:
+        return fn(state, batch)
+    except Exception as e:  # slow path only
+        try:
+            explain()
+        except ValueError as diagnosis:
+            raise diagnosis from e
+        raise

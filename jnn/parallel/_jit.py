@@ -12,7 +12,7 @@ import jax
 from jax.sharding import Mesh
 
 from jnn.parallel import _mesh
-from jnn.parallel._checks import check_data_axis, diagnose_sharded_batch
+from jnn.parallel._checks import call_or_explain, check_data_axis, diagnose_sharded_batch
 from jnn.parallel._steps import check_unmapped_step, step_kind
 
 PyTree = Any
@@ -79,15 +79,8 @@ class DataParallelStep:
         return _mesh.shard_batch(batch, self.mesh, data_axis=self.data_axis)
 
     def __call__(self, state: PyTree, batch: PyTree):
-        jitted = self._jitted_for(state)
-        try:
-            return jitted(state, batch)
-        except Exception as e:  # slow path only: explain what the user got wrong, or re-raise
-            try:
-                diagnose_sharded_batch(batch, self.mesh, self.data_axis, where="data_parallel step")
-            except ValueError as diagnosis:
-                raise diagnosis from e
-            raise
+        return call_or_explain(self._jitted_for(state), state, batch, lambda: diagnose_sharded_batch(
+            batch, self.mesh, self.data_axis, where="data_parallel step"))
 
     def lower(self, state: PyTree, batch: PyTree):
         """`jax.jit(...).lower(state, batch)`, to inspect the compiled program."""

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jnn.parallel._checks import check_batch_divisible, diagnose_stacked
+from jnn.parallel._checks import call_or_explain, check_batch_divisible, diagnose_stacked
 from jnn.parallel._steps import resolve_mapped_step, with_batch_norm_sync
 
 PyTree = Any
@@ -100,19 +100,12 @@ class PmapStep:
         return pmap_shard_batch(batch, self.devices, axis_name=self.axis_name)
 
     def __call__(self, state: PyTree, batch: PyTree):
-        try:
-            return self._pmapped(state, batch)
-        except Exception as e:  # slow path only
-            try:
-                diagnose_stacked(
-                    state, batch, len(self.devices), self.devices, where="pmap_train_step",
-                    shard_fix=(f"reshape the global batch of B examples to ({len(self.devices)}, "
-                               f"B // {len(self.devices)}, ...) with step.shard_batch(batch) "
-                               f"(B must be a multiple of {len(self.devices)})"),
-                    replicate_fix="stack one copy per device with step.replicate(state)")
-            except ValueError as diagnosis:
-                raise diagnosis from e
-            raise
+        n = len(self.devices)
+        return call_or_explain(self._pmapped, state, batch, lambda: diagnose_stacked(
+            state, batch, n, self.devices, where="pmap_train_step",
+            shard_fix=(f"reshape the global batch of B examples to ({n}, B // {n}, ...) with "
+                       f"step.shard_batch(batch) (B must be a multiple of {n})"),
+            replicate_fix="stack one copy per device with step.replicate(state)"))
 
 
 def pmap_train_step(train_step: Callable | str | None = None, *, loss_fn: Any = None,

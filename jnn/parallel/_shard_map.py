@@ -12,7 +12,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jnn.parallel import _mesh
-from jnn.parallel._checks import check_data_axis, diagnose_sharded_batch
+from jnn.parallel._checks import call_or_explain, check_data_axis, diagnose_sharded_batch
 from jnn.parallel._steps import resolve_mapped_step, with_batch_norm_sync
 
 PyTree = Any
@@ -43,14 +43,8 @@ class ShardMapStep:
         return _mesh.shard_batch(batch, self.mesh, data_axis=self.data_axis)
 
     def __call__(self, state: PyTree, batch: PyTree):
-        try:
-            return self._jitted(state, batch)
-        except Exception as e:  # slow path only
-            try:
-                diagnose_sharded_batch(batch, self.mesh, self.data_axis, where="shard_map_train_step")
-            except ValueError as diagnosis:
-                raise diagnosis from e
-            raise
+        return call_or_explain(self._jitted, state, batch, lambda: diagnose_sharded_batch(
+            batch, self.mesh, self.data_axis, where="shard_map_train_step"))
 
 
 def shard_map_train_step(train_step: Callable | str | None = None, mesh: Mesh | None = None, *,
