@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
-    """The saveable arrays of a state; the typed PRNG key is stored as its raw uint32 data."""
+    """The saveable arrays of a state; the PRNG key as its raw uint32 data."""
     arrays = {
         "step": state.step,
         "params": state.params,
@@ -88,13 +88,15 @@ def _mismatches(saved: Any, target: Any) -> list[str]:
 
 
 def _with_arrays(template: TrainState, arrays: Mapping[str, Any]) -> TrainState:
-    impl = jax.random.key_impl(template.rng)
+    rng = arrays["rng"]
+    if jax.dtypes.issubdtype(template.rng.dtype, jax.dtypes.prng_key):  # a typed key put in the state
+        rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(template.rng))
     return template.replace(
         step=arrays["step"],
         params=arrays["params"],
         opt_state=arrays["opt_state"],
         model_state=arrays["model_state"],
-        rng=jax.random.wrap_key_data(arrays["rng"], impl=impl),
+        rng=rng,
         loss_scale=arrays.get("loss_scale", template.loss_scale),
     )
 

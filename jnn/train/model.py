@@ -19,7 +19,7 @@ Rules every model follows under jnn (documented in the README):
 - Inputs: a tuple is passed as positional arguments (`model(ids, lengths)`); any other pytree
   (an array, a dict, a list) is passed as one argument.
 - Randomness: each rng stream `name` gets `fold_in(step_key, crc32(name))`, where step_key is
-  `fold_in(state.rng, state.step)` (and the device index under pmap / shard_map).
+  `fold_in(state.key, state.step)` (and the device index under pmap / shard_map).
 - BatchNorm: every `nn.BatchNorm` / `nnx.BatchNorm` computes its statistics over the step's device
   axis (the whole global batch), whatever `axis_name` the model was written with; across devices
   only batch statistics are averaged, every other collection keeps its dtype and per-device value.

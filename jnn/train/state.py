@@ -2,7 +2,7 @@
 
 Modelled on `flax.training.train_state.TrainState`, with two additions that make a step pure and
 resumable: the non-trainable collections (`model_state`, e.g. BatchNorm's `batch_stats`) and the
-random key (`rng`). Per-step randomness is `fold_in(rng, step)`, so nothing random is stored per call.
+random key (`rng`). Per-step randomness is `fold_in(key, step)`, so nothing random is stored per call.
 """
 from __future__ import annotations
 
@@ -85,11 +85,17 @@ class TrainState(struct.PyTreeNode):
       opt_state: the optax optimizer state.
       model_state: the model's other variables (linen: collections such as `{"batch_stats": ...}`;
         nnx: every non-parameter variable, e.g. BatchNorm's running statistics); `{}` when none.
-      rng: a JAX PRNG key; the step derives its randomness as `fold_in(rng, step)`.
+      rng: the run's PRNG key as its raw uint32 data (`jax.random.key_data`), with `rng_impl`
+        naming its implementation; `state.key` is the typed key, and the step derives its
+        randomness as `fold_in(state.key, step)`. Raw data, not a typed key: a jitted step returns
+        the state, and rebuilding a typed key from its output costs ~20-35 us of Python per call
+        (measured in `benchmarks/README.md`), a tenth of a tiny model's step. A typed key put
+        here (`state.replace(rng=jax.random.key(1))`) works too.
       model: how jnn runs the model (static; `jnn.train.model.LinenModel` or `NnxModel`).
       tx: the optax transformation (static).
       spec: static input/output description used to validate batches before compiling.
       loss_scale: the dynamic loss scale of a float16 precision policy (`jnn.precision`), else None.
+      rng_impl: the PRNG implementation of `rng` (static; e.g. "threefry2x32"; None: JAX's default).
     """
 
     step: jax.Array
@@ -101,6 +107,14 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     spec: ModelSpec | None = struct.field(pytree_node=False, default=None)
     loss_scale: Any = None
+    rng_impl: str | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def key(self) -> jax.Array:
+        """`rng` as a typed PRNG key."""
+        if jax.dtypes.issubdtype(self.rng.dtype, jax.dtypes.prng_key):
+            return self.rng
+        return jax.random.wrap_key_data(self.rng, impl=self.rng_impl)
 
     def apply_gradients(self, grads: PyTree, model_state: PyTree | None = None, **extra_args: Any) -> "TrainState":
         """Returns the state after one optimizer update with `grads`.
@@ -187,10 +201,15 @@ def _state_rng(rng: Any, seed: int | None) -> jax.Array:
     return jax.random.split(rng, 4)  # params, (two unused: kept so seeds give the same states), state
 
 
+def _key_impl(rng: Any, seed: int | None) -> str:
+    return str(jax.random.key_impl(jax.random.key(0) if seed is not None else rng))
+
+
 def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: Any, rng: Any,
                  init_kwargs: dict[str, Any], train_kwarg: str | None, rng_streams) -> _Init:
     seed = _seed(rng)
     key = np.uint32(seed) if seed is not None else rng
+    impl = _key_impl(rng, seed)
     example_inputs = _as_inputs(example_inputs, "create_train_state")
     model_lib.check_call_args(model, example_inputs, "create_train_state")
 
@@ -203,14 +222,15 @@ def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: A
         adapter, params, model_state = nnx_model.split_nnx(model)
 
         def nnx_init(rng, x, params, model_state):
-            return params, tx.init(params), model_state, _state_rng(rng, seed)[3]
+            return params, tx.init(params), model_state, jax.random.key_data(_state_rng(rng, seed)[3])
 
         def nnx_finish(parts, step, shapes):
             params, opt_state, model_state, state_rng = parts
             outputs, _ = jax.eval_shape(lambda p, s, x: adapter.apply(p, s, x, train=True, rng=jax.random.key(0)),
                                         shapes[0], shapes[2], example_inputs)
             return TrainState(step=step, params=params, opt_state=opt_state, model_state=model_state,
-                              rng=state_rng, model=adapter, tx=tx, spec=make_spec(example_inputs, outputs))
+                              rng=state_rng, rng_impl=impl, model=adapter, tx=tx,
+                              spec=make_spec(example_inputs, outputs))
 
         return _Init(nnx_init, (key, example_inputs, params, model_state), nnx_finish)
 
@@ -228,7 +248,7 @@ def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: A
                                         **init_kwargs))
         params = variables.pop("params", {})
         variables.pop("intermediates", None)
-        return params, tx.init(params), variables, state_rng
+        return params, tx.init(params), variables, jax.random.key_data(state_rng)
 
     def linen_finish(parts, step, shapes):
         params, opt_state, variables, state_rng = parts
@@ -236,7 +256,8 @@ def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: A
                                                  mode=mode, train_kwarg=train_kwarg, rng_streams=rng_streams)
         model_state = {c: variables[c] for c in adapter.collections}
         return TrainState(step=step, params=params, opt_state=opt_state, model_state=model_state,
-                          rng=state_rng, model=adapter, tx=tx, spec=make_spec(example_inputs, outputs))
+                          rng=state_rng, rng_impl=impl, model=adapter, tx=tx,
+                          spec=make_spec(example_inputs, outputs))
 
     return _Init(linen_init, (key, example_inputs), linen_finish)
 
@@ -356,4 +377,4 @@ def to_nnx(state: TrainState) -> Any:
                          "Fix: use module.apply(state.variables, x).")
     params = model_lib._model_params(state.model.reparam, state.params)  # e.g. LoRA adapters merged
     params, model_state = jax.tree.map(jnp.array, (params, state.model_state))
-    return state.model.merge(params, model_state, jax.random.fold_in(state.rng, state.step))
+    return state.model.merge(params, model_state, jax.random.fold_in(state.key, state.step))

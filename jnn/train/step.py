@@ -150,9 +150,9 @@ def _psum(tree, axis_name):
 
 
 def step_rng(state: TrainState, axis_name: str | None = None) -> jax.Array:
-    """The step's key, `fold_in(state.rng, state.step)`; each rng stream the model draws from gets
+    """The step's key, `fold_in(state.key, state.step)`; each rng stream the model draws from gets
     `jnn.train.model.stream_key(key, name)`."""
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = jax.random.fold_in(state.key, state.step)
     if axis_name is not None:  # different dropout masks on each device's shard of the batch
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
     return rng
