@@ -84,7 +84,9 @@ def interleave(candidates: Mapping[str, Callable[[int], float]], rounds: int,
 
     Args:
       candidates: name -> `run(steps)`, which runs that many steps, waits for them to finish and
-        returns the elapsed wall seconds (each candidate times itself, so it can sync its own way).
+        returns the elapsed wall seconds (each candidate times itself, so it can sync its own way),
+        or `(wall, cpu)` seconds for a candidate that runs in another process and measures that
+        process's CPU time itself.
       rounds: measured rounds.
       steps: steps per block, for all candidates or per candidate (so that a slow peer's block
         takes about as long as the others').
@@ -104,8 +106,12 @@ def interleave(candidates: Mapping[str, Callable[[int], float]], rounds: int,
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             c0 = time.process_time()
-            wall[name].append(candidates[name](steps[name]) / steps[name])
-            cpu[name].append((time.process_time() - c0) / steps[name])
+            out = candidates[name](steps[name])
+            spent = time.process_time() - c0
+            if isinstance(out, tuple):
+                out, spent = out
+            wall[name].append(out / steps[name])
+            cpu[name].append(spent / steps[name])
     return wall, cpu
 
 

@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--steps", type=int, default=15, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=21)
+    p.add_argument("--variants", nargs="+", default=None, help="time only these variants (default: all)")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     return p.parse_args(argv)
 
@@ -149,11 +150,11 @@ def main(argv=None) -> int:
     env = common.environment(("jax", "jaxlib", "flax", "optax", "numpy"))
     import jax
 
-    candidates = build_variants(args)
+    candidates = {k: run for k, run in build_variants(args).items() if not args.variants or k in args.variants}
     wall, cpu = common.interleave(candidates, args.rounds, args.steps, warmup=2)
     common.finish(env)
     ratios = {f"{a} / {b}": {"wall": common.ratio(wall, a, b), "cpu": common.ratio(cpu, a, b), "limit": limit}
-              for a, b, limit in RATIOS}
+              for a, b, limit in RATIOS if a in wall and b in wall}
     result = {"benchmark": "parallel", **env, "backend": jax.default_backend(), "devices": args.devices,
               "config": vars(args), "wall_s": wall, "cpu_s": cpu,
               "median_step_ms": {k: 1e3 * common.spread(v)["median"] for k, v in wall.items()}, "ratios": ratios}

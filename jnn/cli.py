@@ -1,10 +1,11 @@
-"""The `jnn` command: `jnn train`, `jnn eval RUN_DIR`, `jnn info`, `jnn presets`, `jnn models`.
+"""The `jnn` command: `jnn train`, `jnn eval RUN_DIR`, `jnn info`, `jnn presets`, `jnn models`, `jnn bench`.
 
   jnn train                                   # digits CNN on scikit-learn's bundled digits
   jnn train --preset mlp_mnist --data-dir ~/data/mnist --set optim.learning_rate=3e-4
   jnn train --preset resnet20_cifar10 --debug # the tiny variant, seconds on a CPU
   jnn train --resume runs/digits-20261122-101500
   jnn eval runs/digits-20261122-101500
+  jnn bench --quick                           # the benchmark harness of a source checkout
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="JAX backend, devices and versions")
     sub.add_parser("presets", help="list the training presets")
     sub.add_parser("models", help="list the model zoo")
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmark harness of a source checkout: `python -m benchmarks ARGS` (see --help)")
     return parser
 
 
@@ -162,8 +165,30 @@ def _info() -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    """`jnn bench ARGS`: `python -m benchmarks ARGS` from the source checkout jnn runs from.
+
+    The harness is not part of the installed package (it starts PyTorch and scikit-learn peers and
+    writes results next to the code it measures), so it runs from a checkout: the one this `jnn`
+    is imported from (an editable install), else the current directory if it is one.
+    """
+    import subprocess
+    from pathlib import Path
+
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "__main__.py").is_file() and (root / "jnn" / "__init__.py").is_file():
+            return subprocess.call([sys.executable, "-m", "benchmarks", *argv], cwd=root)
+    print("jnn bench: error: the benchmark harness lives in jnn's source repository, not in the installed "
+          "package. Fix: run it from a checkout: `cd <jnn checkout> && python -m benchmarks --quick` (or "
+          "`pip install -e .` there, then `jnn bench`).", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jnn` console command. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every other argument belongs to the harness
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command in ("train", "eval"):

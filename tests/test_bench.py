@@ -1,0 +1,94 @@
+"""The benchmark harness (`python -m benchmarks`, `jnn bench`): its code paths, not its figures.
+
+The harness runs every workload in a fresh process; these tests run it the same way, at the
+smallest sizes (one round of blocks of one or two steps), with XLA's backend optimisations off so
+that compiling is quick: the numbers mean nothing, the files and their fields are what is checked.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness, workloads
+from jnn import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH = harness.torch_installed()
+
+
+def run_harness(tmp_path, *args: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--rounds", "1", "--block-seconds", "0.001",
+                           "--out", str(tmp_path), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_path,) = tmp_path.glob("bench-*.json")
+    assert json_path.with_suffix(".md").is_file() and json_path.with_suffix(".png").is_file()
+    result = json.loads(json_path.read_text())
+    result["_markdown"] = json_path.with_suffix(".md").read_text()
+    result["_stdout"] = proc.stdout
+    return result
+
+
+def test_cpu_workload_writes_json_markdown_and_plot(tmp_path):
+    result = run_harness(tmp_path, "--workloads", "W1", "--quick", "--no-torch")
+    assert result["suite"] == "cpu-quick"
+    machine = result["environment"]["machine"]
+    assert machine["load_average_start"] and machine["load_average_end"] and machine["cpu_count"]
+    assert result["environment"]["versions"]["jax"]
+    w1 = result["workloads"]["W1"]
+    assert set(w1["candidates"]) == {"jnn", "raw", "flax"}
+    for c in w1["candidates"].values():
+        assert c["wall_ms"]["median"] > 0 and c["first_step_s"] > 0 and c["items_per_s"] > 0
+        assert c["flops_per_step"] > 0 and c["flops_per_s"] > 0
+    assert set(w1["first_step_losses"]) == {"jnn", "raw", "flax"}
+    assert {"jnn / raw", "jnn / flax"} <= set(w1["ratios"])
+    assert w1["compile_ratio"]["jnn / raw"] > 0 and w1["max_rss_mb"] > 0
+    assert w1["matmul"]["float32"]["flops_per_s"] > 0 and result["peak_flops_per_s"]["float32"] > 0
+    assert {t["ratio"] for t in result["targets"]} >= {"jnn / raw", "compile jnn / raw"}
+    assert "PyTorch peers: skipped (--no-torch)" in result["skipped"]
+    md = result["_markdown"]
+    assert "## Summary" in md and "| W1 (" in md and "| jnn / raw |" in md and "load average" in md
+
+
+@pytest.mark.slow
+def test_gpu_suite_code_paths_at_tiny_size_on_cpu(tmp_path):
+    result = run_harness(tmp_path, "--suite", "gpu", "--tiny")
+    assert result["suite"] == "gpu-tiny" and result["backend"] == "cpu"
+    g1, g2, g3 = (result["workloads"][k] for k in ("G1", "G2", "G3"))
+    for w in (g1, g2):
+        assert w["precision"] == "mixed_bf16" and w["candidates"]["jnn"]["items_per_s"] > 0
+        if TORCH:  # the eager peer (no torch.compile at --tiny), bf16 autocast, in its own process
+            assert w["candidates"]["torch_eager"]["max_rss_mb"] > 0
+            assert "jnn / torch_eager" in w["ratios"]
+    assert g1["unit"] == "tokens" and g1["candidates"]["jnn"]["model_flops_per_s"] > 0
+    assert g3["exit_codes"] == [0] and g3["wall_s"]["median"] > 0
+    assert "not in the dense bf16 peak table" in result["_markdown"]  # a CPU has no bf16 peak entry
+    if not TORCH:
+        assert any("PyTorch not installed" in s for s in result["skipped"])
+
+
+def test_loss_check_fails_loudly_on_a_peer_that_computes_another_loss():
+    import jax
+    import optax
+
+    w = workloads.cpu_workloads()["W1"]
+    cands = harness.build_jax_candidates(w, peers=("jnn", "raw"), full=False)
+    model, raw = w.model(), cands["raw"]
+    # The same hand-written step with a label-smoothed loss: another computation, same parameters.
+    def smoothed(logits, y):
+        return optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), 0.1))
+
+    cands["raw"] = harness.JaxCandidate(workloads.make_raw_step(model, optax.adam(workloads.LR), loss=smoothed),
+                                        raw.carry, raw.batches)
+    with pytest.raises(harness.LossMismatchError, match=r"raw computes .* fix the peer"):
+        harness.first_steps(cands)
+    harness.check_same_loss({"jnn": 2.3, "raw": 2.3 * (1 + harness.LOSS_RTOL / 2)})  # within tolerance
+
+
+def test_jnn_bench_forwards_to_the_harness(capfd):
+    assert cli.main(["bench", "--help"]) == 0
+    assert "usage: python -m benchmarks" in capfd.readouterr().out
