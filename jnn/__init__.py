@@ -3,8 +3,8 @@
 flax models (linen or nnx), optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
-from jnn import (adversarial, config, data, lora, losses, metrics, models, optim, parallel, precision, presets,
-                 pruning, quantize, testing, transfer, vmap, writers)
+from jnn import (adversarial, config, data, layers, lora, losses, metrics, models, optim, parallel, precision,
+                 presets, pruning, quantize, testing, transfer, vmap, writers)
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
@@ -41,6 +41,7 @@ __all__ = [
     "ensemble_train_step",
     "evaluate",
     "fit",
+    "layers",
     "lora",
     "losses",
     "make_dp_train_step",

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jnn import layers
 from jnn.models._init import layer_inits
 from jnn.models._io import check_shape, output_dtype
 
@@ -62,12 +63,12 @@ class CNN(nn.Module):
         x = x.astype(self.dtype)
         k = self.kernel_size
         for i, (feat, pool) in enumerate(zip(self.features, pools)):
-            x = nn.Conv(feat, (k, k), padding=self.padding, dtype=self.dtype,
+            x = layers.Conv(feat, (k, k), padding=self.padding, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=f"conv_{i}",
                         **layer_inits(self.init_scheme, k * k * x.shape[-1]))(x)
             x = nn.relu(x)
             if pool:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = layers.max_pool(x, (2, 2), strides=(2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))  # (B, H' * W' * C')
         for i, width in enumerate(self.hidden_sizes):
             x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jnn import layers
 from jnn.models._init import kaiming_fan_out_init, layer_inits
 from jnn.models._io import check_shape, output_dtype
 
@@ -138,7 +139,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         self._validate()
         check_shape("ResNet", x, ("B", "H", "W", self.in_channels), "Images are NHWC.")
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_fan_out_init,
+        conv = functools.partial(layers.Conv, use_bias=False, kernel_init=kaiming_fan_out_init,
                                  dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                  momentum=self.bn_momentum, epsilon=self.bn_epsilon,
@@ -152,7 +153,7 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = conv(self.widths[0], (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))  # (B, H/2, W/2, C)
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD1)  # (B, H/4, W/4, C)
+            x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD1)  # (B, H/4, W/4, C)
         else:
             x = conv(self.widths[0], (3, 3), padding=_PAD1, name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
