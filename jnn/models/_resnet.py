@@ -26,8 +26,8 @@ SHORTCUTS: tuple[str, ...] = ("A", "B")
 _PAD1 = ((1, 1), (1, 1))  # PyTorch padding=1, also for stride 2 (SAME would pad (0, 1)).
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection (ResNet-18/34 and the CIFAR ResNets)."""
+class _Block(nn.Module):
+    """What every residual block takes: its width, stride, layer factories and shortcut option."""
 
     features: int
     strides: int
@@ -35,6 +35,10 @@ class BasicBlock(nn.Module):
     norm: Callable[..., nn.Module]
     last_norm: Callable[..., nn.Module]
     shortcut: str = "B"
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34 and the CIFAR ResNets)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -46,15 +50,8 @@ class BasicBlock(nn.Module):
         return nn.relu(y + _shortcut(self, x, self.features))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1 -> 3x3 (strided, "ResNet v1.5") -> 1x1 x4 bottleneck (ResNet-50 and deeper)."""
-
-    features: int
-    strides: int
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-    last_norm: Callable[..., nn.Module]
-    shortcut: str = "B"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
