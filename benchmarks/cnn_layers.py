@@ -9,11 +9,13 @@ W5 CIFAR ResNet-20, both at batch 128), on the same synthetic batches and initia
   native          the hand-written step (`workloads.make_raw_step`: value_and_grad + optax.adam),
                   traced under `jnn.layers.using("native")` (flax's and XLA's own ops)
   fast            the same step traced under `jnn.layers.using("fast")`
+  jnn_jit         fast, compiled with `jnn.jit` instead of `jax.jit` (what jnn's own steps run)
   torch_eager_1t  PyTorch eager at 1 and 2 threads, each in its own process (`torch_peer.py`);
   torch_eager_2t  `torch_eager_best` is, round by round, the faster of the two
 
 The per-op table (`--no-ops` skips it) times forward + backward of the pooling layers and the
-kernel gradient of each convolution shape of the two workloads, native vs fast.
+kernel gradient of each convolution shape of the two workloads, native vs fast (and fast under
+`jnn.jit`).
 """
 from __future__ import annotations
 
@@ -41,11 +43,16 @@ CONVS = (("W3 conv 1->32", (128, 28, 28, 1), 32, (1, 1), "VALID"),
          ("W5 stage 2 16->32 /2", (128, 32, 32, 16), 32, (2, 2), ((1, 1), (1, 1))))
 
 
-def step_candidates(w, impls=("native", "fast")) -> dict:
-    """name -> harness.JaxCandidate of the hand-written step, traced under each implementation."""
+def step_candidates(w, impls=("native", "fast", "jnn_jit")) -> dict:
+    """name -> harness.JaxCandidate of the hand-written step, traced under each implementation.
+
+    "native" and "fast" compile with `jax.jit`; "jnn_jit" is "fast" compiled with `jnn.jit` (what
+    jnn's own steps run on CPU).
+    """
     import jax
     import optax
 
+    import jnn
     from benchmarks import workloads as wl
     from jnn import layers
 
@@ -56,9 +63,10 @@ def step_candidates(w, impls=("native", "fast")) -> dict:
     params, stats = variables["params"], variables.get("batch_stats", {})
     cands, losses = {}, {}
     for impl in impls:
-        cand = harness.JaxCandidate(wl.make_raw_step(model, tx), (wl.copy(params), tx.init(params), wl.copy(stats)),
-                                    device)
-        with layers.using(impl):  # jit traces at the first call: the implementation is fixed here
+        jit = jnn.jit if impl == "jnn_jit" else jax.jit
+        cand = harness.JaxCandidate(wl.make_raw_step(model, tx, jit=jit),
+                                    (wl.copy(params), tx.init(params), wl.copy(stats)), device)
+        with layers.using("native" if impl == "native" else "fast"):  # jit traces at the first call: the implementation is fixed here
             losses[impl] = cand.first_step()
         cands[impl] = cand
     harness.check_same_loss(losses, reference=impls[0])
@@ -89,7 +97,8 @@ def measure_workload(w, args) -> dict:
         best = [min(torch, key=lambda k: wall[k][r]) for r in range(args.rounds)]
         wall["torch_eager_best"] = [wall[k][r] for r, k in enumerate(best)]
         cpu["torch_eager_best"] = [cpu[k][r] for r, k in enumerate(best)]
-    pairs = [("fast", "native")] + [(a, "torch_eager_best") for a in ("fast", "native") if torch]
+    pairs = [("jnn_jit", "native"), ("fast", "native")] + [(a, "torch_eager_best")
+                                                         for a in ("jnn_jit", "fast", "native") if torch]
     return {"title": w.title, "batch_size": w.batch_size, "steps_per_block": steps,
             "compile_s": {k: c.first_step_s for k, c in cands.items()},
             "wall_ms": {k: common.spread([1e3 * t for t in v]) for k, v in wall.items()},
@@ -103,10 +112,11 @@ def op_table(rounds: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    import jnn
     from jnn import layers
 
-    def timer(fn, *args):
-        fn = jax.jit(fn)
+    def timer(fn, *args, jit=jax.jit):
+        fn = jit(fn)
         jax.block_until_ready(fn(*args))
 
         def run(n):
@@ -138,6 +148,8 @@ def op_table(rounds: int) -> list[dict]:
         runs = {impl: timer(lambda k, x, ct, impl=impl: jax.vjp(lambda k: conv(k, x, impl), k)[1](ct)[0],
                             kernel, x, ct)
                 for impl in ("native", "fast")}
+        runs["jnn_jit"] = timer(lambda k, x, ct: jax.vjp(lambda k: conv(k, x, "fast"), k)[1](ct)[0], kernel, x, ct,
+                                jit=jnn.jit)
         runs["forward"] = timer(lambda k, x: conv(k, x, "native"), kernel, x)
         rows.append({"op": f"{name} {shape}: kernel gradient", **_op_times(runs, rounds)})
     return rows
@@ -165,12 +177,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {k} | {_fmt(v['wall'])} | {_fmt(v['cpu'])} |")
         lines.append("")
     if result.get("ops"):
-        lines += ["### Per op (wall ms, median)", "", "| op | native | fast | fast / native | conv forward |",
-                  "|---|---|---|---|---|"]
+        lines += ["### Per op (wall ms, median)", "",
+                  "| op | native | fast | fast / native | fast under jnn.jit | conv forward |", "|---|---|---|---|---|---|"]
         for row in result["ops"]:
             fwd = f"{row['forward_ms']:.1f}" if "forward_ms" in row else ""
+            under = f"{row['jnn_jit_ms']:.1f}" if "jnn_jit_ms" in row else ""
             lines.append(f"| {row['op']} | {row['native_ms']:.1f} | {row['fast_ms']:.1f} | "
-                         f"{row['fast / native']:.2f} | {fwd} |")
+                         f"{row['fast / native']:.2f} | {under} | {fwd} |")
     return "\n".join(lines)
 
 

@@ -41,16 +41,14 @@ class JnnLoop:
     """jnn's pieces as a user's loop uses them: create_train_state, make_train_step, make_eval_step."""
 
     def __init__(self, model, example):
-        import jax
-
         import jnn
 
         self.jnn, self.model, self.example = jnn, model, example
         # One optimizer for every seed: the state holds `tx` as a static field, so a new optax
         # object (even an equal chain) is a new jit cache key and the step compiles again.
         self.tx = _optimizer()
-        self.step = jax.jit(jnn.make_train_step("cross_entropy", metrics=("loss",)), donate_argnums=0)
-        self.eval = jax.jit(jnn.make_eval_step("cross_entropy"))
+        self.step = jnn.jit(jnn.make_train_step("cross_entropy", metrics=("loss",)), donate_argnums=0)
+        self.eval = jnn.jit(jnn.make_eval_step("cross_entropy"))
 
     def init(self, seed):
         return self.jnn.create_train_state(self.model, self.tx, self.example, seed)

@@ -5,7 +5,7 @@
 Each workload runs in a fresh process, so its peak memory (max RSS) is its own and one workload's
 compiled programs and allocator state do not slow the next. Steps:
 
-1. Build the candidates on the same synthetic batches: `jnn` (`jax.jit(jnn.make_train_step(loss,
+1. Build the candidates on the same synthetic batches: `jnn` (`jnn.jit(jnn.make_train_step(loss,
    metrics=("loss", "accuracy")))` on `jnn.create_train_state`), `jnn_default` (jnn's default
    metrics and `jnn.make_optimizer`, full mode), `raw` and `flax` (`benchmarks/workloads.py`),
    and each PyTorch peer in its own process (`benchmarks/torch_peer.py`, eager and `torch.compile`).
@@ -177,12 +177,14 @@ def build_jax_candidates(w, peers, full: bool) -> dict:
     model, example = w.model(), host[0]["inputs"][:1]
     tx = optax.adam(wl.LR)
     state = jnn.create_train_state(model, tx, example, 0, precision=w.precision)
-    cands = {"jnn": JaxCandidate(jax.jit(jnn.make_train_step(wl.loss_fn, metrics=("loss", "accuracy")),
+    # jnn compiles its steps with `jnn.jit` (jax.jit plus the XLA options in jnn/compiler.py), as
+    # fit and `jnn train` do; the raw and flax peers use plain jax.jit, as their users write it.
+    cands = {"jnn": JaxCandidate(jnn.jit(jnn.make_train_step(wl.loss_fn, metrics=("loss", "accuracy")),
                                          donate_argnums=0), wl.copy(state), device)}
     if full and "jnn_default" in peers:  # jnn's defaults: inject_hyperparams optimizer, every metric
         default = state.replace(tx=jnn.make_optimizer(jnn.OptimConfig("adam", wl.LR)))
         default = default.replace(opt_state=default.tx.init(default.params))
-        cands["jnn_default"] = JaxCandidate(jax.jit(jnn.make_train_step(wl.loss_fn), donate_argnums=0),
+        cands["jnn_default"] = JaxCandidate(jnn.jit(jnn.make_train_step(wl.loss_fn), donate_argnums=0),
                                             wl.copy(default), device)
     if w.precision is None:  # the hand-written peers compute in float32 only
         stats = state.model_state.get("batch_stats", {})

@@ -126,10 +126,11 @@ def accuracy(logits, labels):
 # ------------------------------------------------------------------------------ raw JAX + optax
 
 
-def make_raw_step(model, tx: optax.GradientTransformation, loss=loss_fn):
+def make_raw_step(model, tx: optax.GradientTransformation, loss=loss_fn, jit=jax.jit):
     """The step written by hand: `((params, opt_state, batch_stats), batch) -> (carry, metrics)`.
 
-    Returns the jitted step (carry donated). `loss(logits, labels)` gives per-example losses.
+    Returns the step compiled by `jit` (carry donated). `loss(logits, labels)` gives per-example
+    losses.
     """
 
     def step(carry, batch):
@@ -149,7 +150,7 @@ def make_raw_step(model, tx: optax.GradientTransformation, loss=loss_fn):
         params = optax.apply_updates(params, updates)
         return (params, opt_state, stats), {"loss": value, "accuracy": accuracy(logits, y)}
 
-    return jax.jit(step, donate_argnums=0)
+    return jit(step, donate_argnums=0)
 
 
 # ------------------------------------------------------------------------------ flax TrainState

@@ -6,6 +6,7 @@ that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads ove
 from jnn import (adversarial, config, data, layers, lora, losses, metrics, models, optim, parallel, precision,
                  presets, pruning, quantize, testing, transfer, vmap, writers)
 from jnn.checkpoint import Checkpointer, CheckpointError
+from jnn.compiler import compiler_options, jit
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, NonFiniteError, evaluate, fit, pad_batch
@@ -33,6 +34,7 @@ __all__ = [
     "TrainState",
     "abstract_train_state",
     "check_batch",
+    "compiler_options",
     "adversarial",
     "config",
     "create_ensemble",
@@ -41,6 +43,7 @@ __all__ = [
     "ensemble_train_step",
     "evaluate",
     "fit",
+    "jit",
     "layers",
     "lora",
     "losses",

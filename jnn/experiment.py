@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jnn import compiler
 from jnn import data as data_lib
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
@@ -191,13 +192,13 @@ def build(config: Config) -> Experiment:
         {"label_smoothing": config.train.label_smoothing} if config.train.label_smoothing else {}))
     classification = splits.train["labels"].ndim == 1 and splits.num_classes > 1
     train_step = train_step_of(config, loss_fn)
-    eval_step = jax.jit(make_eval_step(loss_fn, confusion=classification))
+    eval_step = compiler.jit(make_eval_step(loss_fn, confusion=classification))
     state = create_train_state(model, tx, example, config.train.seed, precision=config.train.precision)
     state, note = fine_tuning(config, state, note)
     if jax.process_count() > 1:
         train_step, eval_step, state = across_processes(train_step, eval_step, state)
     else:
-        train_step = jax.jit(train_step, donate_argnums=0)
+        train_step = compiler.jit(train_step, donate_argnums=0)
     return Experiment(config, splits, state, train_data, eval_data, loss_fn, note, tuple(normalize),
                       train_step, eval_step)
 

@@ -10,9 +10,12 @@ here compute the same values another way on CPU:
   row-major window order); transposed, that sends the gradient to the element XLA's
   select-and-scatter picks, so gradients equal flax's even with ties, through slices and selects.
 * ``avg_pool`` sums the strided slices: its backward is a sum of padded copies.
-* ``conv_general_dilated`` (and ``Conv``, a ``flax.linen.Conv`` that uses it) keeps XLA's
-  convolution for the forward pass and the input gradient; for kernels with few input channels
-  its custom JVP writes the kernel's tangent as matrix products over the kernel taps, whose
+* ``conv_general_dilated`` (and ``Conv``, a ``flax.linen.Conv`` that uses it) depends on how
+  the program is compiled. Under ``jnn.jit`` (``jnn/compiler.py``: XLA's Eigen convolution, not
+  YNNPACK's) it is XLA's convolution of an input computed once into its own buffer, so that the
+  kernel gradient's transpose reads it instead of recomputing the ops that produced it. Under a
+  plain ``jax.jit`` (YNNPACK's slow kernel gradient), for kernels with few input channels, its
+  custom JVP writes the kernel's tangent as matrix products over the kernel taps, whose
   transpose (the kernel gradient) XLA:CPU runs faster than its own.
 
 Custom JVPs rather than VJPs keep forward mode (``jax.jvp``, ``jax.jacfwd``) working.
@@ -38,12 +41,14 @@ import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+
+from jnn import compiler
 
 IMPLS: tuple[str, ...] = ("auto", "fast", "native")
 _impl = "auto"
@@ -307,6 +312,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       impl: ``"auto"``, ``"fast"`` or ``"native"`` (default: the process setting).
     """
     nd = lhs.ndim - 2
+    if use_fast(impl) and compiler.options_active() and not _conv_intercepted():
+        # Compiled by `jnn.jit` (XLA's Eigen convolution): XLA's own kernel gradient, from an
+        # input that the backward pass reads instead of recomputing.
+        return lax.conv_general_dilated(_materialized(lhs), rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        batch_group_count, precision, preferred_element_type)
     fast = (use_fast(impl) and _is_channels_last(lhs, rhs, dimension_numbers)
             and all(d == 1 for d in lhs_dilation or (1,)) and all(d == 1 for d in rhs_dilation or (1,))
             and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
@@ -321,6 +332,24 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
             if isinstance(padding, str) else padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     return _conv(lhs, rhs, strides, pads, dimension_numbers, precision)
+
+
+def _materialized(x: jax.Array) -> jax.Array:
+    """``x``, computed once into its own buffer: the identity, through a conditional.
+
+    The kernel gradient of XLA's convolution reads its input transposed. Left alone, XLA fuses
+    the elementwise ops that produced the input (a ResNet's BatchNorm, ReLU and residual sums,
+    back through several blocks) into that transpose and recomputes them there, in an order that
+    misses the cache: 146 ms of a 1,020 ms ResNet-20 backward pass in one transpose
+    (`benchmarks/README.md`). XLA does not fuse across a conditional, and
+    ``lax.optimization_barrier`` is removed on CPU before fusion, so both branches return ``x``.
+    """
+    if x.size == 0:
+        return x
+    first = x.reshape(-1)[0]
+    # XLA replaces a conditional whose branches are the same by that branch: the other one adds
+    # 0 (and is taken only if the first element is NaN; it can turn -0.0 into 0.0).
+    return lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
 
 
 def _conv_intercepted() -> bool:

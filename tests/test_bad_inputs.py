@@ -6,7 +6,6 @@ README's reliability section quotes them.
 """
 import re
 
-import jax
 import numpy as np
 import optax
 import pytest

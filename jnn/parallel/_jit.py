@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 from jax.sharding import Mesh
 
+from jnn import compiler
 from jnn.parallel import _mesh
 from jnn.parallel._checks import call_or_explain, check_data_axis, diagnose_sharded_batch
 from jnn.parallel._steps import check_unmapped_step, step_kind
@@ -43,11 +44,11 @@ class DataParallelStep:
         rep = _mesh.replicated(self.mesh)
         in_shardings = (state_shardings, _mesh.batch_sharding(self.mesh, self.data_axis))
         if not self.fsdp:
-            return jax.jit(self._step, in_shardings=in_shardings, out_shardings=rep, donate_argnums=self._donate)
+            return compiler.jit(self._step, in_shardings=in_shardings, out_shardings=rep, donate_argnums=self._donate)
         # A train step's new state keeps the FSDP layout and its metrics are replicated; an eval
         # step returns metrics only (the Step's kind says which).
         out_shardings = (state_shardings, rep) if self.kind == "train" else rep
-        return jax.jit(self._step, in_shardings=in_shardings, out_shardings=out_shardings,
+        return compiler.jit(self._step, in_shardings=in_shardings, out_shardings=out_shardings,
                        donate_argnums=self._donate)
 
     def _jitted_for(self, state: PyTree) -> Callable:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jnn import compiler
 from jnn.parallel import _mesh
 from jnn.parallel._checks import call_or_explain, check_data_axis, diagnose_sharded_batch
 from jnn.parallel._steps import resolve_mapped_step, with_batch_norm_sync
@@ -31,7 +32,7 @@ class ShardMapStep:
         mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(data_axis)), out_specs=(P(), P()),
                                check_vma=False)
         rep = _mesh.replicated(mesh)
-        self._jitted = jax.jit(mapped, in_shardings=(rep, _mesh.batch_sharding(mesh, data_axis)),
+        self._jitted = compiler.jit(mapped, in_shardings=(rep, _mesh.batch_sharding(mesh, data_axis)),
                                out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
 
     def shard_state(self, state: PyTree) -> PyTree:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from jnn import compiler
 from jnn import metrics as metrics_lib
 from jnn.train.state import TrainState
 from jnn.train.step import make_eval_step
@@ -56,7 +57,7 @@ def evaluate(state: TrainState, data: Iterable[Batch], eval_step: Callable | Non
     if eval_step is None:
         if loss_fn is None:
             raise ValueError("evaluate: pass eval_step or loss_fn.")
-        eval_step = jax.jit(make_eval_step(loss_fn, confusion=confusion))
+        eval_step = compiler.jit(make_eval_step(loss_fn, confusion=confusion))
     total = None
     size = getattr(data, "batch_size", None)  # a Pipeline: pad every split to the same shape
     size = size if isinstance(size, int) else None

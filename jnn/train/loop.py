@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from jnn import compiler
 from jnn.train.early_stopping import EarlyStopping
 from jnn.train.evaluation import evaluate, pad_batch  # noqa: F401 - jnn.train.loop.pad_batch
 from jnn.train.state import TrainState
@@ -189,9 +190,9 @@ def fit(
     _check_fit_arguments(num_steps, log_every, eval_every, max_traces, loss_fn, train_step, eval_step,
                          eval_data, early_stopping)
     _check_plateau(plateau, state, eval_data)
-    train_step = train_step or jax.jit(make_train_step(loss_fn, on_nonfinite=on_nonfinite), donate_argnums=0)
+    train_step = train_step or compiler.jit(make_train_step(loss_fn, on_nonfinite=on_nonfinite), donate_argnums=0)
     if eval_data is not None and eval_step is None:
-        eval_step = jax.jit(make_eval_step(loss_fn))
+        eval_step = compiler.jit(make_eval_step(loss_fn))
     eval_every = eval_every or max(num_steps // 10, 1)
     data = _TrainData(train_data, data_state, early_stopping, max_traces)
     step = int(jax.device_get(state.step))
