@@ -66,7 +66,8 @@ def step_candidates(w, impls=("native", "fast", "jnn_jit")) -> dict:
         jit = jnn.jit if impl == "jnn_jit" else jax.jit
         cand = harness.JaxCandidate(wl.make_raw_step(model, tx, jit=jit),
                                     (wl.copy(params), tx.init(params), wl.copy(stats)), device)
-        with layers.using("native" if impl == "native" else "fast"):  # jit traces at the first call: the implementation is fixed here
+        # jit traces at the first call: the implementation is fixed here
+        with layers.using("native" if impl == "native" else "fast"):
             losses[impl] = cand.first_step()
         cands[impl] = cand
     harness.check_same_loss(losses, reference=impls[0])
