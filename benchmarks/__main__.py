@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the torch.compile peers (default: yes, except with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="G3: fresh `jnn train` processes (default 2, --tiny 1)")
+    p.add_argument("--worker-timeout", type=float, default=None,
+                   help="seconds after which a workload's process (and its peers) is killed and recorded as an "
+                        "error, so one hang cannot cost a whole run (default: none)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
@@ -82,15 +85,34 @@ def worker_command(args, workload: str, out: str) -> list[str]:
     return cmd + [workload, "--peers", *peers] + (["--tiny"] if args.tiny else [])
 
 
-def run_process(cmd: list[str], env: dict | None = None) -> tuple[int, str, dict]:
-    """Runs `cmd` from the repository root, its stdout passed through; (exit code, stderr, usage)."""
+def run_process(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[int, str, dict]:
+    """Runs `cmd` from the repository root, its stdout passed through; (exit code, stderr, usage).
+
+    After `timeout` seconds the child's whole process group (its PyTorch peers too) is killed and
+    the stderr gets a last line saying so.
+    """
+    import signal
     import subprocess
+    import threading
 
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    expired = threading.Event()
+
+    def kill():
+        expired.set()
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill) if timeout else None
+    if timer:
+        timer.start()
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage (max RSS)
+    if timer:
+        timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if expired.is_set():
+        err += f"\nkilled after the worker timeout of {timeout:.0f} s (--worker-timeout)\n"
     return proc.returncode, err, {"max_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start,
                                   "cpu_s": usage.ru_utime + usage.ru_stime}
 
@@ -98,7 +120,7 @@ def run_process(cmd: list[str], env: dict | None = None) -> tuple[int, str, dict
 def run_worker(args, workload: str, env: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="jnn-bench-") as tmp:
         out = os.path.join(tmp, "result.json")
-        code, err, usage = run_process(worker_command(args, workload, out), env)
+        code, err, usage = run_process(worker_command(args, workload, out), env, args.worker_timeout)
         if code == 3:  # the loss check failed: the comparison would be meaningless
             raise SystemExit(f"{workload}: {err.strip().splitlines()[-1]}")
         if code:
@@ -140,7 +162,7 @@ def run_workloads(args, env: dict) -> dict:
             from benchmarks import gpu
 
             print("G3: `jnn train` in a fresh process", flush=True)
-            return gpu.default_run(args.tiny, args.repeats)
+            return gpu.default_run(args.tiny, args.repeats, args.worker_timeout)
         return run_worker(args, name, env)
 
     return {name: run_one(name) for name in args.workloads}

@@ -81,8 +81,11 @@ def workloads(tiny: bool = False) -> dict:
     )}
 
 
-def default_run(tiny: bool, repeats: int = 1) -> dict:
-    """G3: wall seconds of `jnn train` (the digits default; `--debug` when tiny) in fresh processes."""
+def default_run(tiny: bool, repeats: int = 1, timeout: float | None = None) -> dict:
+    """G3: wall seconds of `jnn train` (the digits default; `--debug` when tiny) in fresh processes.
+
+    A process that outlives `timeout` seconds is killed and recorded with exit code "timeout".
+    """
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, JNN_COMPILATION_CACHE="")  # a first run on a fresh machine
     walls, codes = [], []
@@ -91,11 +94,19 @@ def default_run(tiny: bool, repeats: int = 1) -> dict:
             cmd = [sys.executable, "-m", "jnn.cli", "train", "--run-dir", os.path.join(tmp, "run")] + \
                   (["--debug"] if tiny else [])
             start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                codes.append("timeout")
+                print(f"G3: `jnn train` killed after {timeout:.0f} s", file=sys.stderr)
+                continue
             walls.append(time.perf_counter() - start)
             codes.append(proc.returncode)
             if proc.returncode:
                 print(proc.stderr[-2000:], file=sys.stderr)
+    if not walls:
+        return {"error": f"no `jnn train` process finished (exit codes {codes})"}
     return {"kind": "default_run", "title": "default `jnn train` (digits) in a fresh process",
             "command": "jnn train" + (" --debug" if tiny else ""), "wall_s": common.spread(walls),
             "exit_codes": codes}

@@ -94,3 +94,18 @@ def test_loss_check_fails_loudly_on_a_peer_that_computes_another_loss():
 def test_jnn_bench_forwards_to_the_harness(capfd):
     assert cli.main(["bench", "--help"]) == 0
     assert "usage: python -m benchmarks" in capfd.readouterr().out
+
+
+def test_worker_timeout_kills_the_worker_and_its_children(tmp_path):
+    """`--worker-timeout`: a hung workload (and the peer process it started) is killed, not waited for."""
+    from benchmarks.__main__ import run_process
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)")
+    code, err, usage = run_process([sys.executable, "-c", script], timeout=2)
+    assert code == -9 and "worker timeout of 2 s" in err and usage["seconds"] < 30
+    child = int(pid_file.read_text())
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text(), "the peer process outlived its worker"

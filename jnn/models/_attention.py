@@ -1,8 +1,11 @@
 """Multi-head self-attention through ``jax.nn.dot_product_attention``, with rotary positions.
 
-``jax.nn.dot_product_attention`` dispatches to fused kernels (cuDNN flash attention on NVIDIA
-GPUs when ``implementation="cudnn"``, XLA elsewhere), so the same module is fast on every platform.
-It has no attention-probability dropout: models here apply dropout to the residual branches.
+``jax.nn.dot_product_attention`` dispatches to fused kernels: cuDNN flash attention on NVIDIA GPUs,
+XLA elsewhere. JAX's own default (``implementation=None``) is XLA everywhere, which on a GPU
+materialises the (B, N, T, T) scores; jnn's default picks cuDNN on a GPU for half-precision inputs
+when cuDNN compiles that shape (probed once per shape, `resolve_implementation`), and XLA otherwise,
+so the same module is fast on every platform without a flag. It has no attention-probability
+dropout: models here apply dropout to the residual branches.
 
 Its XLA path computes the softmax in float32 even for float64 inputs, which would make float64
 gradient checks meaningless, so float64 models (and ``implementation="reference"``) use the
@@ -10,6 +13,7 @@ explicit einsum/softmax formulation instead, at full precision.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -17,6 +21,40 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 IMPLEMENTATIONS: tuple[str | None, ...] = (None, "xla", "cudnn", "reference")
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_compiles(shape: tuple[int, ...], dtype: str, causal: bool) -> bool:
+    """Whether cuDNN flash attention, forward and backward, compiles for q = k = v of this shape."""
+    spec = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+
+    def loss(q, k, v):
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        return y.astype(jnp.float32).sum()
+
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+    except Exception:  # noqa: BLE001 - any failure (shape, cuDNN version, no cuDNN) means "use XLA"
+        return False
+    return True
+
+
+def resolve_implementation(implementation: str | None, q: jax.Array, causal: bool) -> str:
+    """The attention implementation that runs for ``implementation`` and queries ``q``.
+
+    An explicit choice is kept (``"cudnn"`` fails loudly where cuDNN cannot run it). ``None`` is
+    ``"reference"`` for float64, ``"cudnn"`` on a GPU for bfloat16/float16 queries whose shape cuDNN
+    compiles (one probe compile per shape, cached), and ``"xla"`` otherwise.
+    """
+    if implementation is not None:
+        return implementation
+    if q.dtype == jnp.float64:
+        return "reference"
+    if jax.default_backend() == "gpu" and q.dtype in _HALF and \
+            _cudnn_compiles(tuple(q.shape), q.dtype.name, causal):
+        return "cudnn"
+    return "xla"
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
@@ -62,8 +100,9 @@ class SelfAttention(nn.Module):
       use_bias: biases on the projections.
       kernel_init: initialiser of the QKV projection.
       out_kernel_init: initialiser of the output projection (GPT-2 scales it by depth).
-      implementation: ``None`` (let JAX choose), ``"xla"``, ``"cudnn"`` or ``"reference"``
-        (explicit softmax; always used for float64).
+      implementation: ``None`` (cuDNN on a GPU where it compiles, else XLA; see
+        `resolve_implementation`), ``"xla"``, ``"cudnn"`` or ``"reference"`` (explicit softmax;
+        always used for float64).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -98,11 +137,12 @@ class SelfAttention(nn.Module):
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, "
                              f"received {self.implementation!r}.")
-        if self.implementation == "reference" or q.dtype == jnp.float64:
+        impl = "reference" if q.dtype == jnp.float64 else \
+            resolve_implementation(self.implementation, q, self.causal)
+        if impl == "reference":
             y = reference_attention(q, k, v, self.causal)  # (B, T, N, H)
         else:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
-                                             implementation=self.implementation)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=impl)
         return nn.DenseGeneral(c, axis=(-2, -1), use_bias=self.use_bias,
                                kernel_init=self.out_kernel_init, dtype=self.dtype,
                                param_dtype=self.param_dtype, name="out")(y)  # (B, T, C)

@@ -148,3 +148,33 @@ def test_gpt_learns_a_pattern():
     first, last = zh.train(lambda p, r: zh.cross_entropy(model.apply({"params": p}, x), y),
                            params, steps=60, learning_rate=1e-2)
     assert last < 0.1 * first, (first, last)
+
+
+def test_attention_default_implementation_per_backend(monkeypatch):
+    """`None` is XLA on a CPU, the reference for float64, cuDNN on a GPU only where it compiles."""
+    from jnn.models import _attention
+
+    q32 = jnp.zeros((2, 16, 2, 8), jnp.float32)
+    q16 = jnp.zeros((2, 16, 2, 8), jnp.bfloat16)
+    assert _attention.resolve_implementation(None, q32, True) == "xla"
+    assert _attention.resolve_implementation(None, q16, True) == "xla"  # the CPU: never probed
+    assert _attention.resolve_implementation(None, jax.ShapeDtypeStruct((1, 4, 1, 2), np.float64), True) == "reference"
+    assert _attention.resolve_implementation("cudnn", q32, True) == "cudnn"  # explicit: kept, fails loudly
+    # A "GPU" where cuDNN cannot compile (this CPU): the real probe fails, so XLA; float32 is never probed.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    _attention._cudnn_compiles.cache_clear()
+    assert _attention.resolve_implementation(None, q32, True) == "xla"
+    assert _attention._cudnn_compiles.cache_info().currsize == 0
+    assert _attention.resolve_implementation(None, q16, True) == "xla"
+    assert _attention._cudnn_compiles.cache_info().currsize == 1
+    # Where the probe succeeds, the module runs cuDNN's attention.
+    monkeypatch.setattr(_attention, "_cudnn_compiles", lambda *a: True)
+    assert _attention.resolve_implementation(None, q16, False) == "cudnn"
+    seen = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None, **k: seen.append(implementation) or real(*a, **k))
+    attn = models.SelfAttention(num_heads=2, causal=True, dtype=jnp.bfloat16)
+    x = jnp.ones((1, 4, 8), jnp.bfloat16)
+    zh.apply(attn, zh.init(attn, x), x)
+    assert seen and set(seen) == {"cudnn"}
