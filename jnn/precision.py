@@ -7,6 +7,16 @@ parameters and inputs are cast to `compute` on the way in, floating outputs to `
 way out, so the gradient reaches the float32 master parameters through the casts. Model state
 (BatchNorm statistics) is not cast.
 
+Casting the parameters is not enough when a model pins its computation dtype: a flax layer built
+with `dtype=jnp.float32` promotes bfloat16 parameters back to float32 and runs its matrix product
+in float32. Two rules follow (`in_compute_dtype`, `check_in_effect`):
+- A linen model with a floating `dtype` attribute (flax's convention for the dtype a model computes
+  in and passes down to its layers, as in jnn's zoo and flax's examples) is cloned with
+  `dtype=compute`. Layers that pin float32 themselves (a float32 head, say) stay float32.
+- Then the model is traced once on shapes: if more than half of its matrix-product and convolution
+  FLOPs still run in float32, the policy would change nothing but add casts, and
+  `create_train_state` refuses it with the modules that compute in float32 and how to fix them.
+
 float16's range is narrow: small gradients underflow to zero. A float16 policy therefore scales
 the loss (`loss_scale="dynamic"`): the step multiplies the loss by the current scale and divides
 the gradients by it; when the gradients overflow the update is skipped (parameters, optimizer and
@@ -18,7 +28,9 @@ steps in a row the scale doubles. bfloat16 has float32's range and needs none.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -112,6 +124,99 @@ def _cast_floats(tree: PyTree, dtype: str) -> PyTree:
     return jax.tree.map(cast, tree)
 
 
+def in_compute_dtype(model: Any, policy: Policy) -> Any:
+    """A jnn model wrapper whose linen module computes in `policy.compute` (see the module doc).
+
+    A linen module with a floating ``dtype`` field other than the compute dtype is cloned with
+    ``dtype=compute``; any other model is returned as it is.
+    """
+    module = getattr(model, "module", None)
+    if module is None or not dataclasses.is_dataclass(module) or \
+            "dtype" not in {f.name for f in dataclasses.fields(module)}:
+        return model
+    try:
+        dtype = jnp.dtype(module.dtype)
+    except TypeError:  # None, or a non-dtype value
+        return model
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.dtype(policy.compute):
+        return model
+    return dataclasses.replace(model, module=module.clone(dtype=getattr(jnp, policy.compute)))
+
+
+def _sub_jaxprs(params: dict):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(v, "eqns"):
+                yield v
+            elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+                yield v.jaxpr
+
+
+def _product_flops(eqn) -> float:
+    """FLOPs of a dot_general or conv_general_dilated equation (0 for anything else)."""
+    out = math.prod(eqn.outvars[0].aval.shape)
+    if eqn.primitive.name == "dot_general":
+        (contracting, _), _ = eqn.params["dimension_numbers"]
+        return 2.0 * out * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+    if eqn.primitive.name == "conv_general_dilated":
+        kernel = eqn.invars[1].aval.shape
+        return 2.0 * out * math.prod(kernel) / kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+    return 0.0
+
+
+def product_flops_by_dtype(jaxpr) -> tuple[dict[str, float], dict[str, float]]:
+    """(FLOPs by operand dtype, float32-and-wider FLOPs by module path) of a jaxpr's matrix
+    products and convolutions, nested jaxprs included (a loop body counted once)."""
+    by_dtype: dict[str, float] = collections.defaultdict(float)
+    wide: dict[str, float] = collections.defaultdict(float)
+
+    def walk(j):
+        for eqn in j.eqns:
+            flops = _product_flops(eqn) if eqn.primitive.name in ("dot_general", "conv_general_dilated") else 0.0
+            if flops:
+                dtype = jnp.dtype(eqn.invars[0].aval.dtype)
+                by_dtype[dtype.name] += flops
+                if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
+                    wide[str(eqn.source_info.name_stack) or "(top level)"] += flops
+            for sub in _sub_jaxprs(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr)
+    return dict(by_dtype), dict(wide)
+
+
+def check_in_effect(model: Any, params: Any, model_state: Any, example_inputs: Any, policy: Policy,
+                    name: str = "the model") -> None:
+    """Refuses a half-precision policy under which the model still computes mostly in float32.
+
+    Traces `model.apply` once on shapes (nothing is computed or compiled).
+
+    Raises:
+      ValueError: more than half of the model's matrix-product and convolution FLOPs run in
+        float32 (or wider); the message names the modules and the fix.
+    """
+    if policy.compute == "float32":
+        return
+
+    def run(p, s, x):
+        return model.apply(p, s, x, train=False, rng=jax.random.key(0))[0]
+
+    by_dtype, wide = product_flops_by_dtype(jax.make_jaxpr(run)(params, model_state, example_inputs))
+    total = sum(by_dtype.values())
+    if not total or sum(wide.values()) <= 0.5 * total:
+        return
+    top = sorted(wide.items(), key=lambda kv: -kv[1])[:5]
+    where = ", ".join(f"{path} ({100 * f / total:.0f}%)" for path, f in top)
+    raise ValueError(
+        f"precision policy compute={policy.compute!r}: {name} still runs "
+        f"{100 * sum(wide.values()) / total:.0f}% of its matrix-product and convolution FLOPs in "
+        f"{'/'.join(sorted(d for d in by_dtype if jnp.dtype(d).itemsize >= 4))}, so the policy would add casts "
+        f"and change nothing else. Largest (by module path): {where}. Its layers pin their computation dtype "
+        f"(flax `dtype=jnp.float32`). Fix: build those layers with dtype=None (they then follow the "
+        f"{policy.compute} parameters) or dtype=jnp.{policy.compute}, give the top-level module a `dtype` "
+        f"attribute that it passes down (jnn sets it), or train with precision='float32'.")
+
+
 class LossScaleState(NamedTuple):
     """The dynamic loss scale, part of the `TrainState` (checkpointed with it)."""
 
@@ -133,4 +238,5 @@ def adjust(state: LossScaleState, finite: jax.Array, policy: Policy) -> LossScal
     return LossScaleState(scale.astype(jnp.float32), jnp.where(grow, 0, good).astype(jnp.int32))
 
 
-__all__ = ["DTYPES", "LOSS_SCALES", "POLICIES", "LossScaleState", "Policy", "adjust", "get", "initial_loss_scale"]
+__all__ = ["DTYPES", "LOSS_SCALES", "POLICIES", "LossScaleState", "Policy", "adjust", "check_in_effect", "get",
+           "in_compute_dtype", "initial_loss_scale", "product_flops_by_dtype"]

@@ -8,6 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+import flax.linen as nn
+from flax import nnx
+
 import jnn
 from jnn import precision
 from tests._tiny import TinyBNDropout, TinyNnxLinear
@@ -107,3 +110,76 @@ def test_bad_policies_are_refused():
         precision.Policy(compute="int8")
     with pytest.raises(ValueError, match=r"precision='fp8'; expected precision one of \['float32', 'mixed_bf16'"):
         jnn.TrainConfig(precision="fp8")
+
+
+def _products(state, x) -> dict:
+    jaxpr = jax.make_jaxpr(lambda p: state.model.apply(p, state.model_state, x, train=False,
+                                                       rng=jax.random.key(0)))(state.params)
+    return precision.product_flops_by_dtype(jaxpr)[0]
+
+
+@pytest.mark.parametrize("policy, dtype", [("mixed_bf16", "bfloat16"), ("mixed_f16", "float16")])
+def test_zoo_models_that_pin_float32_compute_in_the_policy_dtype(policy, dtype):
+    """jnn's zoo models declare dtype=float32, which made flax promote the cast parameters back to
+    float32: every product ran in float32 under "mixed_bf16". The policy now sets the model's dtype."""
+    tokens = np.zeros((2, 16), np.int32)
+    cases = [(jnn.models.get("digits_cnn", num_classes=10), SPLITS.train["inputs"][:2]),
+             (jnn.models.GPT(vocab_size=64, block_size=16, num_layers=1, num_heads=2, embed_dim=32), tokens),
+             (jnn.models.ResNet(block="bottleneck", stage_sizes=(1,), widths=(8,), num_classes=10),
+              np.zeros((2, 16, 16, 3), np.float32))]
+    for model, x in cases:
+        assert jnp.dtype(model.dtype) == jnp.float32
+        state = jnn.create_train_state(model, optax.sgd(0.1), x[:1], 0, precision=policy)
+        assert set(_products(state, x)) == {dtype}, type(model).__name__
+        assert jnp.dtype(state.model.module.dtype) == jnp.dtype(dtype) and model.dtype == jnp.float32  # a clone
+        assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+        outputs, _ = state.model.apply(state.params, state.model_state, x, train=False, rng=jax.random.key(0))
+        assert outputs.dtype == jnp.float32
+    # float32 (the identity policy) leaves the model as written
+    state = jnn.create_train_state(cases[0][0], optax.sgd(0.1), cases[0][1][:1], 0, precision="float32")
+    assert set(_products(state, cases[0][1])) == {"float32"}
+
+
+class _PinnedLayers(nn.Module):
+    """A user's model whose layers pin float32 and that has no `dtype` attribute to set."""
+
+    head_dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(256, dtype=jnp.float32, name="body")(x))
+        return nn.Dense(10, dtype=self.head_dtype, name="head")(x)
+
+
+class _Float32Head(nn.Module):
+    """Half precision in the body, a float32 head on purpose (an island the policy keeps)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(256, name="body")(x))
+        return nn.Dense(10, dtype=jnp.float32, name="head")(x)
+
+
+def test_a_policy_the_model_would_not_follow_is_refused_with_the_modules_to_fix():
+    x = SPLITS.train["inputs"][:4].reshape(4, -1)
+    with pytest.raises(ValueError, match=r"compute='bfloat16': _PinnedLayers still runs 100% of its matrix-product "
+                                         r"and convolution FLOPs in float32.*Largest \(by module path\): "
+                                         r"_PinnedLayers/body \(86%\), _PinnedLayers/head \(14%\).*"
+                                         r"Fix: build those layers with dtype=None"):
+        jnn.create_train_state(_PinnedLayers(), optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
+    with pytest.raises(ValueError, match=r"compute='float16'"):
+        jnn.abstract_train_state(_PinnedLayers(), optax.sgd(0.1), x[:1], 0, precision="mixed_f16")
+
+    class PinnedNnx(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(64, 10, dtype=jnp.float32, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    with pytest.raises(ValueError, match=r"PinnedNnx still runs 100%"):
+        jnn.create_train_state(PinnedNnx(nnx.Rngs(0)), optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
+    # A float32 island (the head: 14% of the products) is the user's choice: kept, and accepted.
+    state = jnn.create_train_state(_Float32Head(), optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
+    flops = _products(state, x)
+    assert set(flops) == {"bfloat16", "float32"} and flops["float32"] < 0.2 * flops["bfloat16"]

@@ -313,12 +313,14 @@ def create_train_state(
     # code of every initializer; values differ from the optimised build by at most 1 ulp.
     options = _FAST_COMPILE if fast_compile and jax.default_backend() == "cpu" else None
     parts = jax.jit(init.fn).lower(*init.args).compile(options)(*init.args)
-    return _with_precision(init.finish(parts, jax.device_put(np.zeros((), np.int32)), parts), precision)
+    return _with_precision(init.finish(parts, jax.device_put(np.zeros((), np.int32)), parts), precision,
+                           example_inputs, type(model).__name__)
 
 
-def _with_precision(state: TrainState, precision: Any) -> TrainState:
+def _with_precision(state: TrainState, precision: Any, example_inputs: Any, name: str) -> TrainState:
     """`state` run under the policy `precision`: parameters (and a fresh optimizer state) in its
-    parameter dtype, the policy in the model, the initial loss scale."""
+    parameter dtype, the policy in the model (a linen model's `dtype` set to the compute dtype),
+    the initial loss scale. Refuses a policy the model would not follow (`check_in_effect`)."""
     from jnn import precision as precision_lib  # noqa: PLC0415 - jnn.precision imports jnn.optim
 
     policy = precision_lib.get(precision)
@@ -332,8 +334,9 @@ def _with_precision(state: TrainState, precision: Any) -> TrainState:
     loss_scale = precision_lib.initial_loss_scale(policy)
     if abstract and loss_scale is not None:
         loss_scale = jax.eval_shape(lambda: loss_scale)
-    return state.replace(params=params, opt_state=opt_state, loss_scale=loss_scale,
-                         model=dataclasses.replace(state.model, precision=policy))
+    model = precision_lib.in_compute_dtype(dataclasses.replace(state.model, precision=policy), policy)
+    precision_lib.check_in_effect(model, params, state.model_state, example_inputs, policy, name)
+    return state.replace(params=params, opt_state=opt_state, loss_scale=loss_scale, model=model)
 
 
 def abstract_train_state(
@@ -360,7 +363,8 @@ def abstract_train_state(
     """
     init = _initializer(model, tx, example_inputs, rng, init_kwargs, train_kwarg, rng_streams)
     parts = jax.eval_shape(init.fn, *init.args)
-    return _with_precision(init.finish(parts, jax.ShapeDtypeStruct((), np.int32), parts), precision)
+    return _with_precision(init.finish(parts, jax.ShapeDtypeStruct((), np.int32), parts), precision,
+                           example_inputs, type(model).__name__)
 
 
 def to_nnx(state: TrainState) -> Any:
