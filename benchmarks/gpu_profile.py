@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 KINDS = (  # first match wins; matched against the lower-cased kernel name
-    ("attention", ("fmha", "flash", "attn", "cudnn_generated_fort_native_sdpa")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "matmul", "triton_gemm")),
-    ("convolution", ("conv", "wgrad", "dgrad", "implicit")),
+    ("attention", ("fmha", "flash", "sdpa", "attn", "dot_do_o", "dq_to_16bits")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "implicit_gemm", "implicitgemm", "convolution")),
+    ("matmul (Triton gemm fusion)", ("gemm_fusion", "triton_gemm")),
+    ("matmul (cuBLAS / CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "matmul")),
     ("copy / transpose", ("memcpy", "memset", "copy", "transpose")),
-    ("reduction", ("reduce", "reduction")),
-    ("fused elementwise", ("fusion", "loop_", "input_", "kernel")),
+    ("reduction", ("reduce", "reduction", "scatter")),
+    ("fused elementwise", ("fusion", "convert", "loop_", "input_", "kernel")),
 )
 
 

@@ -28,7 +28,8 @@ def _batch(n=64, start=0):
 
 
 def test_bf16_follows_the_float32_loss_curve_and_keeps_float32_parameters():
-    """300 steps on the digits: every logged mean loss within 0.01 of float32's (measured: 0.0013)."""
+    """300 steps on the digits: every logged mean loss within 0.01 of float32's (measured: 0.0024 with
+    the products in bfloat16; 0.0013 when the policy left them in float32)."""
     curves, finals = {}, {}
     for policy in ("float32", "mixed_bf16"):
         result = jnn.fit(_cnn_state(policy), jnn.data.Pipeline(SPLITS.train, 64, seed=0), num_steps=300,
@@ -130,11 +131,19 @@ def test_zoo_models_that_pin_float32_compute_in_the_policy_dtype(policy, dtype):
     for model, x in cases:
         assert jnp.dtype(model.dtype) == jnp.float32
         state = jnn.create_train_state(model, optax.sgd(0.1), x[:1], 0, precision=policy)
-        assert set(_products(state, x)) == {dtype}, type(model).__name__
+        flops = _products(state, x)
+        if policy == "mixed_f16" and isinstance(model, jnn.models.GPT):  # a CPU's float16 attention runs in float32
+            assert flops[dtype] > 0.85 * sum(flops.values()), flops
+        else:
+            assert set(flops) == {dtype}, (type(model).__name__, flops)
         assert jnp.dtype(state.model.module.dtype) == jnp.dtype(dtype) and model.dtype == jnp.float32  # a clone
         assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
         outputs, _ = state.model.apply(state.params, state.model_state, x, train=False, rng=jax.random.key(0))
         assert outputs.dtype == jnp.float32
+        # It runs: float16 attention on a CPU once failed to compile (XLA:CPU has no F16 x F16 -> F32 product).
+        labels = np.zeros(x.shape[:2] if x.dtype == np.int32 else x.shape[:1], np.int32)
+        _, metrics = jax.jit(jnn.make_train_step("cross_entropy"))(state, {"inputs": x, "labels": labels})
+        assert np.isfinite(float(metrics["loss"])), type(model).__name__
     # float32 (the identity policy) leaves the model as written
     state = jnn.create_train_state(cases[0][0], optax.sgd(0.1), cases[0][1][:1], 0, precision="float32")
     assert set(_products(state, cases[0][1])) == {"float32"}

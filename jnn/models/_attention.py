@@ -44,13 +44,16 @@ def resolve_implementation(implementation: str | None, q: jax.Array, causal: boo
     """The attention implementation that runs for ``implementation`` and queries ``q``.
 
     An explicit choice is kept (``"cudnn"`` fails loudly where cuDNN cannot run it). ``None`` is
-    ``"reference"`` for float64, ``"cudnn"`` on a GPU for bfloat16/float16 queries whose shape cuDNN
-    compiles (one probe compile per shape, cached), and ``"xla"`` otherwise.
+    ``"reference"`` for float64 and for float16 on a CPU, ``"cudnn"`` on a GPU for bfloat16 and
+    float16 queries whose shape cuDNN compiles (one probe compile per shape, cached), and ``"xla"``
+    otherwise.
     """
     if implementation is not None:
         return implementation
     if q.dtype == jnp.float64:
         return "reference"
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        return "reference"  # XLA's attention asks XLA:CPU for an F16 x F16 -> F32 product, which it refuses
     if jax.default_backend() == "gpu" and q.dtype in _HALF and \
             _cudnn_compiles(tuple(q.shape), q.dtype.name, causal):
         return "cudnn"
@@ -58,7 +61,14 @@ def resolve_implementation(implementation: str | None, q: jax.Array, causal: boo
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
-    """softmax(q k^T / sqrt(H)) v in the inputs' dtype; (B, T, N, H) in and out."""
+    """softmax(q k^T / sqrt(H)) v; (B, T, N, H) in and out, in the inputs' dtype.
+
+    Half-precision inputs are computed in float32 and the result cast back (as the fused kernels
+    accumulate); float32 and float64 inputs are computed in their own dtype.
+    """
+    if jnp.dtype(q.dtype).itemsize < 4:
+        out = reference_attention(*(a.astype(jnp.float32) for a in (q, k, v)), causal)
+        return out.astype(q.dtype)
     t, h = q.shape[1], q.shape[-1]
     scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / jnp.sqrt(h).astype(q.dtype)  # (B, N, T, T)
     if causal:

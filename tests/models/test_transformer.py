@@ -160,6 +160,13 @@ def test_attention_default_implementation_per_backend(monkeypatch):
     assert _attention.resolve_implementation(None, q16, True) == "xla"  # the CPU: never probed
     assert _attention.resolve_implementation(None, jax.ShapeDtypeStruct((1, 4, 1, 2), np.float64), True) == "reference"
     assert _attention.resolve_implementation("cudnn", q32, True) == "cudnn"  # explicit: kept, fails loudly
+    # XLA:CPU refuses the F16 x F16 -> F32 product of XLA's attention: float16 runs the reference, in float32.
+    q_f16 = jax.random.normal(jax.random.key(1), (2, 16, 2, 8)).astype(jnp.float16)
+    assert _attention.resolve_implementation(None, q_f16, True) == "reference"
+    out = _attention.reference_attention(q_f16, q_f16, q_f16, True)
+    assert out.dtype == jnp.float16
+    expected = _attention.reference_attention(*(q_f16.astype(jnp.float32),) * 3, True)
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=2e-3, rtol=2e-3)
     # A "GPU" where cuDNN cannot compile (this CPU): the real probe fails, so XLA; float32 is never probed.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     _attention._cudnn_compiles.cache_clear()
