@@ -85,31 +85,46 @@ def worker_command(args, workload: str, out: str) -> list[str]:
     return cmd + [workload, "--peers", *peers] + (["--tiny"] if args.tiny else [])
 
 
+def _kill_group(pid: int) -> None:
+    import signal
+
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # already gone
+        pass
+
+
 def run_process(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[int, str, dict]:
     """Runs `cmd` from the repository root, its stdout passed through; (exit code, stderr, usage).
 
-    After `timeout` seconds the child's whole process group (its PyTorch peers too) is killed and
-    the stderr gets a last line saying so.
+    The child runs in its own process group, with its PyTorch peers. After `timeout` seconds the
+    whole group is killed and the stderr gets a last line saying so; if this process is
+    interrupted or terminated first, the group is killed too (no worker outlives the run).
     """
-    import signal
     import subprocess
     import threading
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    expired = threading.Event()
+    expired, done = threading.Event(), threading.Event()
 
     def kill():
-        expired.set()
-        os.killpg(proc.pid, signal.SIGKILL)
+        if not done.is_set():
+            expired.set()
+            _kill_group(proc.pid)
 
     timer = threading.Timer(timeout, kill) if timeout else None
-    if timer:
-        timer.start()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage (max RSS)
-    if timer:
-        timer.cancel()
+    try:
+        if timer:
+            timer.start()
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage (max RSS)
+        done.set()
+    finally:
+        if timer:
+            timer.cancel()
+        if not done.is_set():  # interrupted: take the worker and its peers down with us
+            _kill_group(proc.pid)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if expired.is_set():
         err += f"\nkilled after the worker timeout of {timeout:.0f} s (--worker-timeout)\n"
@@ -169,7 +184,11 @@ def run_workloads(args, env: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    import signal
+
     args = parse_args(argv)
+    # `timeout` and schedulers send SIGTERM: exit through Python so that `run_process` kills its worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     suite = args.suite + ("-tiny" if args.tiny else "-quick" if args.quick else "")
     env = common.environment(PACKAGES)
     # Workers: no persistent compilation cache (every compile is a first compile), a CPU run stays

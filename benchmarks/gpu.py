@@ -14,6 +14,7 @@ process stays light, and the workloads are built in the harness's worker process
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,17 +95,20 @@ def default_run(tiny: bool, repeats: int = 1, timeout: float | None = None) -> d
             cmd = [sys.executable, "-m", "jnn.cli", "train", "--run-dir", os.path.join(tmp, "run")] + \
                   (["--debug"] if tiny else [])
             start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
             try:
-                proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True, timeout=timeout)
+                _, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its children too
+                proc.communicate()
                 codes.append("timeout")
                 print(f"G3: `jnn train` killed after {timeout:.0f} s", file=sys.stderr)
-                continue
+                break  # a second try would most likely hang as long
             walls.append(time.perf_counter() - start)
             codes.append(proc.returncode)
             if proc.returncode:
-                print(proc.stderr[-2000:], file=sys.stderr)
+                print(err[-2000:], file=sys.stderr)
     if not walls:
         return {"error": f"no `jnn train` process finished (exit codes {codes})"}
     return {"kind": "default_run", "title": "default `jnn train` (digits) in a fresh process",

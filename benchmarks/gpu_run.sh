@@ -26,5 +26,5 @@ fi
   python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9]+-(plugin|pjrt)|flax|optax|chex|orbax-checkpoint|numpy|torch|triton|grain|qwix) '
 } 2>&1 | tee "$OUT/machine.txt"
 python3 -c "import jax, jnn; print('jnn imports; JAX devices:', jax.devices())" 2>&1 | tee -a "$OUT/machine.txt" || exit 1
-timeout "${SUITE_TIMEOUT:-500}" python3 -m benchmarks --suite gpu --out "$OUT" \
+timeout -k 15 "${SUITE_TIMEOUT:-500}" python3 -m benchmarks --suite gpu --out "$OUT" \
   --worker-timeout "${WORKER_TIMEOUT:-210}" "$@" 2>&1 | tee "$OUT/suite.log"

@@ -11,11 +11,13 @@ Casting the parameters is not enough when a model pins its computation dtype: a 
 with `dtype=jnp.float32` promotes bfloat16 parameters back to float32 and runs its matrix product
 in float32. Two rules follow (`in_compute_dtype`, `check_in_effect`):
 - A linen model with a floating `dtype` attribute (flax's convention for the dtype a model computes
-  in and passes down to its layers, as in jnn's zoo and flax's examples) is cloned with
-  `dtype=compute`. Layers that pin float32 themselves (a float32 head, say) stay float32.
-- Then the model is traced once on shapes: if more than half of its matrix-product and convolution
-  FLOPs still run in float32, the policy would change nothing but add casts, and
+  in and passes down to its layers, as in jnn's zoo and flax's examples) runs as a clone with
+  `dtype=compute` in the step (`state.apply_fn` stays the user's module). Layers that pin float32
+  themselves (a float32 head, say) stay float32; `dtype=None` already follows the parameters.
+- Then the model is traced once on shapes: if at least 90% of its matrix-product and convolution
+  FLOPs would still run in float32, the policy would change nothing but add casts, and
   `create_train_state` refuses it with the modules that compute in float32 and how to fix them.
+  (jnn's own float32 computations, such as a CPU's float16 attention, do not count.)
 
 float16's range is narrow: small gradients underflow to zero. A float16 policy therefore scales
 the loss (`loss_scale="dynamic"`): the step multiplies the loss by the current scale and divides
@@ -127,24 +129,31 @@ def _cast_floats(tree: PyTree, dtype: str) -> PyTree:
 def in_compute_dtype(model: Any, policy: Policy) -> Any:
     """A jnn model wrapper whose linen module computes in `policy.compute` (see the module doc).
 
-    A linen module with a floating ``dtype`` field other than the compute dtype is cloned with
-    ``dtype=compute``; any other model is returned as it is.
+    A linen module with a floating ``dtype`` field other than the compute dtype gets a clone with
+    ``dtype=compute`` as its `compute_module` (the step runs it; `model.module`, which
+    `state.apply_fn` runs, stays the user's). ``dtype=None`` (flax's "follow the parameters") and
+    any other model are left as they are.
     """
     module = getattr(model, "module", None)
     if module is None or not dataclasses.is_dataclass(module) or \
-            "dtype" not in {f.name for f in dataclasses.fields(module)}:
+            "dtype" not in {f.name for f in dataclasses.fields(module)} or module.dtype is None:
         return model
     try:
         dtype = jnp.dtype(module.dtype)
-    except TypeError:  # None, or a non-dtype value
+    except TypeError:  # not a dtype
         return model
     if not jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.dtype(policy.compute):
         return model
-    return dataclasses.replace(model, module=module.clone(dtype=getattr(jnp, policy.compute)))
+    return dataclasses.replace(model, compute_module=module.clone(dtype=getattr(jnp, policy.compute)))
 
 
-def _sub_jaxprs(params: dict):
-    for value in params.values():
+FLOAT32_ISLAND = "jnn_float32_island"  # a name scope: products computed in float32 on purpose by jnn
+
+
+def _sub_jaxprs(eqn):
+    """The jaxprs nested in an equation's parameters (a scan or loop body, a cond's branches, a
+    pjit / remat / custom_vjp body)."""
+    for value in eqn.params.values():
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if hasattr(v, "eqns"):
                 yield v
@@ -166,34 +175,49 @@ def _product_flops(eqn) -> float:
 
 def product_flops_by_dtype(jaxpr) -> tuple[dict[str, float], dict[str, float]]:
     """(FLOPs by operand dtype, float32-and-wider FLOPs by module path) of a jaxpr's matrix
-    products and convolutions, nested jaxprs included (a loop body counted once)."""
-    by_dtype: dict[str, float] = collections.defaultdict(float)
-    wide: dict[str, float] = collections.defaultdict(float)
+    products and convolutions, nested jaxprs included: a scan body times its length, the most
+    expensive branch of a cond, a while loop's body once. Products under jnn's float32-island
+    name scope count in the first dict only."""
 
-    def walk(j):
+    def walk(j, prefix: str) -> tuple[dict, dict]:
+        by_dtype: dict[str, float] = collections.defaultdict(float)
+        wide: dict[str, float] = collections.defaultdict(float)
         for eqn in j.eqns:
-            flops = _product_flops(eqn) if eqn.primitive.name in ("dot_general", "conv_general_dilated") else 0.0
-            if flops:
-                dtype = jnp.dtype(eqn.invars[0].aval.dtype)
+            path = "/".join(p for p in (prefix, str(eqn.source_info.name_stack)) if p)
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                flops, dtype = _product_flops(eqn), jnp.dtype(eqn.invars[0].aval.dtype)
                 by_dtype[dtype.name] += flops
-                if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
-                    wide[str(eqn.source_info.name_stack) or "(top level)"] += flops
-            for sub in _sub_jaxprs(eqn.params):
-                walk(sub)
+                if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4 and FLOAT32_ISLAND not in path:
+                    wide[path or "(top level)"] += flops
+            subs = [walk(sub, path) for sub in _sub_jaxprs(eqn)]
+            if eqn.primitive.name == "cond" and subs:  # one branch runs
+                subs = [max(subs, key=lambda bw: sum(bw[0].values()))]
+            times = float(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1.0
+            for sub_dtype, sub_wide in subs:
+                for k, v in sub_dtype.items():
+                    by_dtype[k] += times * v
+                for k, v in sub_wide.items():
+                    wide[k] += times * v
+        return by_dtype, wide
 
-    walk(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr)
+    by_dtype, wide = walk(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr, "")
     return dict(by_dtype), dict(wide)
+
+
+REFUSE_FLOAT32_SHARE = 0.9  # the policy reaches at most 10% of the products: it is not in effect
 
 
 def check_in_effect(model: Any, params: Any, model_state: Any, example_inputs: Any, policy: Policy,
                     name: str = "the model") -> None:
-    """Refuses a half-precision policy under which the model still computes mostly in float32.
+    """Refuses a half-precision policy that the model would not follow.
 
-    Traces `model.apply` once on shapes (nothing is computed or compiled).
+    Traces `model.apply` once on shapes (nothing is computed or compiled) and counts the FLOPs of
+    its matrix products and convolutions by dtype. A model that keeps some layers in float32 on
+    purpose (a float32 head) is accepted; one that would run at least 90% of those FLOPs in
+    float32 or wider, so that the policy would add casts and change nothing else, is refused.
 
     Raises:
-      ValueError: more than half of the model's matrix-product and convolution FLOPs run in
-        float32 (or wider); the message names the modules and the fix.
+      ValueError: naming the modules that compute in float32, and the fixes.
     """
     if policy.compute == "float32":
         return
@@ -203,18 +227,22 @@ def check_in_effect(model: Any, params: Any, model_state: Any, example_inputs: A
 
     by_dtype, wide = product_flops_by_dtype(jax.make_jaxpr(run)(params, model_state, example_inputs))
     total = sum(by_dtype.values())
-    if not total or sum(wide.values()) <= 0.5 * total:
+    if not total or sum(wide.values()) < REFUSE_FLOAT32_SHARE * total:
         return
     top = sorted(wide.items(), key=lambda kv: -kv[1])[:5]
     where = ", ".join(f"{path} ({100 * f / total:.0f}%)" for path, f in top)
+    wide_dtypes = sorted(d for d in by_dtype
+                         if jnp.issubdtype(jnp.dtype(d), jnp.floating) and jnp.dtype(d).itemsize >= 4)
+    linen = hasattr(model, "module")
     raise ValueError(
         f"precision policy compute={policy.compute!r}: {name} still runs "
         f"{100 * sum(wide.values()) / total:.0f}% of its matrix-product and convolution FLOPs in "
-        f"{'/'.join(sorted(d for d in by_dtype if jnp.dtype(d).itemsize >= 4))}, so the policy would add casts "
-        f"and change nothing else. Largest (by module path): {where}. Its layers pin their computation dtype "
-        f"(flax `dtype=jnp.float32`). Fix: build those layers with dtype=None (they then follow the "
-        f"{policy.compute} parameters) or dtype=jnp.{policy.compute}, give the top-level module a `dtype` "
-        f"attribute that it passes down (jnn sets it), or train with precision='float32'.")
+        f"{'/'.join(wide_dtypes)}, so the policy would add casts and change nothing else. Largest (by module "
+        f"path): {where}. Its layers pin their computation dtype (flax `dtype=jnp.float32`). Fix: build those "
+        f"layers with dtype=None (they then follow the {policy.compute} parameters) or dtype=jnp.{policy.compute}"
+        + (", or give the top-level module a `dtype` attribute that it passes down to its layers (jnn sets it to "
+           "the compute dtype)" if linen else "")
+        + "; or train with precision='float32'.")
 
 
 class LossScaleState(NamedTuple):

@@ -104,8 +104,39 @@ def test_worker_timeout_kills_the_worker_and_its_children(tmp_path):
     script = ("import subprocess, sys, time; "
               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
               f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)")
-    code, err, usage = run_process([sys.executable, "-c", script], timeout=2)
-    assert code == -9 and "worker timeout of 2 s" in err and usage["seconds"] < 30
-    child = int(pid_file.read_text())
-    status = Path(f"/proc/{child}/status")
-    assert not status.exists() or "zombie" in status.read_text(), "the peer process outlived its worker"
+    code, err, usage = run_process([sys.executable, "-c", script], timeout=8)  # time to start both
+    assert code == -9 and "worker timeout of 8 s" in err and usage["seconds"] < 60
+    assert not _alive(int(pid_file.read_text())), "the peer process outlived its worker"
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_terminated_harness_takes_its_worker_down(tmp_path):
+    """`timeout` sends the harness SIGTERM: the worker, in its own process group, must not outlive it."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    worker = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    harness_script = ("import signal, sys; from benchmarks.__main__ import run_process; "
+                      "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "
+                      f"run_process([sys.executable, '-c', {worker!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", harness_script], cwd=ROOT)
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and proc.poll() is None, "the worker never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    worker_pid = int(pid_file.read_text())
+    for _ in range(50):
+        if not _alive(worker_pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(worker_pid), "the worker outlived the terminated harness"

@@ -136,7 +136,8 @@ def test_zoo_models_that_pin_float32_compute_in_the_policy_dtype(policy, dtype):
             assert flops[dtype] > 0.85 * sum(flops.values()), flops
         else:
             assert set(flops) == {dtype}, (type(model).__name__, flops)
-        assert jnp.dtype(state.model.module.dtype) == jnp.dtype(dtype) and model.dtype == jnp.float32  # a clone
+        assert jnp.dtype(state.model.compute_module.dtype) == jnp.dtype(dtype)  # a clone runs in the step
+        assert state.model.module is model and model.dtype == jnp.float32  # apply_fn: the user's module
         assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
         outputs, _ = state.model.apply(state.params, state.model_state, x, train=False, rng=jax.random.key(0))
         assert outputs.dtype == jnp.float32
@@ -192,3 +193,66 @@ def test_a_policy_the_model_would_not_follow_is_refused_with_the_modules_to_fix(
     state = jnn.create_train_state(_Float32Head(), optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
     flops = _products(state, x)
     assert set(flops) == {"bfloat16", "float32"} and flops["float32"] < 0.2 * flops["bfloat16"]
+
+
+class _WithDtype(nn.Module):
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10, dtype=self.dtype)(x)
+
+
+def test_apply_fn_stays_the_users_module_and_dtype_none_is_left_alone():
+    x = SPLITS.train["inputs"][:4].reshape(4, -1)
+    state = jnn.create_train_state(_WithDtype(), optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
+    assert state.model.compute_module.dtype == jnp.bfloat16
+    # state.apply_fn is flax's own apply of the user's module: float32 in, float32 out, as before.
+    assert state.apply_fn({"params": state.params}, x).dtype == jnp.float32
+    assert state.model.apply(state.params, {}, x, train=False)[0].dtype == jnp.float32  # the policy's output
+    # dtype=None already follows the (bfloat16) parameters: nothing to clone.
+    none = jnn.create_train_state(_WithDtype(dtype=None), optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
+    assert none.model.compute_module is None and set(_products(none, x)) == {"bfloat16"}
+
+
+class _ScannedBody(nn.Module):
+    """24 scanned half-precision layers and a wide float32 head: 39% of the FLOPs in float32."""
+
+    body_dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        class Layer(nn.Module):
+            dtype: object = None
+
+            @nn.compact
+            def __call__(self, h, _):
+                return nn.relu(nn.Dense(64, dtype=self.dtype)(h)), None
+
+        h = nn.Dense(64, dtype=self.body_dtype)(x)
+        h, _ = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=24)(dtype=self.body_dtype, name="layers")(h, None)
+        return nn.Dense(1000, dtype=jnp.float32, name="head")(h)
+
+
+def test_flops_count_a_scan_body_times_its_length_and_name_its_path():
+    """Counted once, the scan body would make the float32 head 94% of the products and the model refused."""
+    x = SPLITS.train["inputs"][:4].reshape(4, -1)
+    state = jnn.create_train_state(_ScannedBody(), optax.sgd(0.1), x[:1], 0, precision="mixed_bf16")
+    flops = _products(state, x)
+    per_example = {"bfloat16": 2 * 64 * 64 * 25, "float32": 2 * 64 * 1000}
+    assert flops == {k: 4 * v for k, v in per_example.items()}
+    # A scan body that pins float32 is refused, named by its full path.
+    with pytest.raises(ValueError, match=r"Largest \(by module path\): _ScannedBody/layers/Dense_0 \(\d+%\)"):
+        jnn.create_train_state(_ScannedBody(body_dtype=jnp.float32), optax.sgd(0.1), x[:1], 0,
+                               precision="mixed_bf16")
+
+
+def test_jnns_own_float32_attention_does_not_count_against_the_policy():
+    """On a CPU, float16 attention runs in float32 (XLA:CPU has no F16 x F16 -> F32 product); a long
+    context makes that 95% of the GPT's products, which must not refuse the user's policy."""
+    model = jnn.models.GPT(vocab_size=64, block_size=2048, num_layers=1, num_heads=2, embed_dim=16)
+    x = np.zeros((1, 2048), np.int32)
+    state = jnn.abstract_train_state(model, optax.sgd(0.1), x, 0, precision="mixed_f16")
+    flops = _products(state, x)
+    assert flops["float32"] > 0.9 * sum(flops.values())  # the island

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jnn.precision import FLOAT32_ISLAND
+
 IMPLEMENTATIONS: tuple[str | None, ...] = (None, "xla", "cudnn", "reference")
 _HALF = (jnp.bfloat16, jnp.float16)
 
@@ -54,8 +56,9 @@ def resolve_implementation(implementation: str | None, q: jax.Array, causal: boo
         return "reference"
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
         return "reference"  # XLA's attention asks XLA:CPU for an F16 x F16 -> F32 product, which it refuses
-    if jax.default_backend() == "gpu" and q.dtype in _HALF and \
-            _cudnn_compiles(tuple(q.shape), q.dtype.name, causal):
+    # cuDNN's support depends on the sequence, heads and head size, not the batch: probe batch 1.
+    probe_shape = (1,) + tuple(q.shape[1:]) if q.ndim == 4 else tuple(q.shape)
+    if jax.default_backend() == "gpu" and q.dtype in _HALF and _cudnn_compiles(probe_shape, q.dtype.name, causal):
         return "cudnn"
     return "xla"
 
@@ -67,7 +70,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) 
     accumulate); float32 and float64 inputs are computed in their own dtype.
     """
     if jnp.dtype(q.dtype).itemsize < 4:
-        out = reference_attention(*(a.astype(jnp.float32) for a in (q, k, v)), causal)
+        with jax.named_scope(FLOAT32_ISLAND):  # float32 on purpose: not a policy the model ignores
+            out = reference_attention(*(a.astype(jnp.float32) for a in (q, k, v)), causal)
         return out.astype(q.dtype)
     t, h = q.shape[1], q.shape[-1]
     scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / jnp.sqrt(h).astype(q.dtype)  # (B, N, T, T)

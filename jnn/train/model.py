@@ -193,6 +193,9 @@ class LinenModel:
       precision: a `jnn.precision.Policy` applied around every run (None: as the model is).
       reparam: a function from the state's params to the model's (e.g. `jnn.lora.LoRA`, which
         merges adapters into frozen weights), or None.
+      compute_module: the module the step runs under a precision policy (the user's module with
+        its `dtype` set to the compute dtype, `jnn.precision.in_compute_dtype`), or None: `module`.
+        `module` itself stays the user's (`state.apply_fn`, quantization and export use it).
     """
 
     module: nn.Module
@@ -202,6 +205,7 @@ class LinenModel:
     sync_batch_norm: bool = True
     precision: Any = None
     reparam: Any = None
+    compute_module: nn.Module | None = None
 
     kind = "linen"
 
@@ -221,9 +225,10 @@ class LinenModel:
         # State collections are mutable in evaluation too (a model may update a counter on every
         # call); evaluation discards the updates.
         mutable = list(self.collections) if self.collections else False
+        module = self.module if self.compute_module is None else self.compute_module
         with _batch_norm_axis(axis_name if self.sync_batch_norm else None):
-            out = self.module.apply({"params": params, **model_state}, *call_args(inputs), rngs=rngs,
-                                    mutable=mutable, **mode)
+            out = module.apply({"params": params, **model_state}, *call_args(inputs), rngs=rngs,
+                               mutable=mutable, **mode)
         if not mutable:
             return _to_output(self.precision, out), model_state
         outputs, updated = out

@@ -314,7 +314,7 @@ def create_train_state(
     options = _FAST_COMPILE if fast_compile and jax.default_backend() == "cpu" else None
     parts = jax.jit(init.fn).lower(*init.args).compile(options)(*init.args)
     return _with_precision(init.finish(parts, jax.device_put(np.zeros((), np.int32)), parts), precision,
-                           example_inputs, type(model).__name__)
+                           init.args[1], type(model).__name__)  # the example inputs, as arrays
 
 
 def _with_precision(state: TrainState, precision: Any, example_inputs: Any, name: str) -> TrainState:
@@ -364,7 +364,7 @@ def abstract_train_state(
     init = _initializer(model, tx, example_inputs, rng, init_kwargs, train_kwarg, rng_streams)
     parts = jax.eval_shape(init.fn, *init.args)
     return _with_precision(init.finish(parts, jax.ShapeDtypeStruct((), np.int32), parts), precision,
-                           example_inputs, type(model).__name__)
+                           init.args[1], type(model).__name__)  # the example inputs, as arrays
 
 
 def to_nnx(state: TrainState) -> Any:
