@@ -141,10 +141,10 @@ def test_zoo_models_that_pin_float32_compute_in_the_policy_dtype(policy, dtype):
         assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
         outputs, _ = state.model.apply(state.params, state.model_state, x, train=False, rng=jax.random.key(0))
         assert outputs.dtype == jnp.float32
-        # It runs: float16 attention on a CPU once failed to compile (XLA:CPU has no F16 x F16 -> F32 product).
-        labels = np.zeros(x.shape[:2] if x.dtype == np.int32 else x.shape[:1], np.int32)
-        _, metrics = jax.jit(jnn.make_train_step("cross_entropy"))(state, {"inputs": x, "labels": labels})
-        assert np.isfinite(float(metrics["loss"])), type(model).__name__
+        if isinstance(model, jnn.models.GPT):  # it runs: float16 attention on a CPU once failed to compile
+            labels = np.zeros(x.shape, np.int32)  # (XLA:CPU has no F16 x F16 -> F32 product)
+            _, metrics = jax.jit(jnn.make_train_step("cross_entropy"))(state, {"inputs": x, "labels": labels})
+            assert np.isfinite(float(metrics["loss"]))
     # float32 (the identity policy) leaves the model as written
     state = jnn.create_train_state(cases[0][0], optax.sgd(0.1), cases[0][1][:1], 0, precision="float32")
     assert set(_products(state, cases[0][1])) == {"float32"}
