@@ -85,15 +85,6 @@ def worker_command(args, workload: str, out: str) -> list[str]:
     return cmd + [workload, "--peers", *peers] + (["--tiny"] if args.tiny else [])
 
 
-def _kill_group(pid: int) -> None:
-    import signal
-
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # already gone
-        pass
-
-
 def run_process(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[int, str, dict]:
     """Runs `cmd` from the repository root, its stdout passed through; (exit code, stderr, usage).
 
@@ -111,7 +102,7 @@ def run_process(cmd: list[str], env: dict | None = None, timeout: float | None =
     def kill():
         if not done.is_set():
             expired.set()
-            _kill_group(proc.pid)
+            common.kill_group(proc.pid)
 
     timer = threading.Timer(timeout, kill) if timeout else None
     try:
@@ -124,7 +115,7 @@ def run_process(cmd: list[str], env: dict | None = None, timeout: float | None =
         if timer:
             timer.cancel()
         if not done.is_set():  # interrupted: take the worker and its peers down with us
-            _kill_group(proc.pid)
+            common.kill_group(proc.pid)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if expired.is_set():
         err += f"\nkilled after the worker timeout of {timeout:.0f} s (--worker-timeout)\n"

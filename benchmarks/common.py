@@ -157,3 +157,14 @@ def publish(name: str, env: dict, args: Any, body: dict, markdown: Callable[[dic
     if not args.no_save:
         print(f"wrote {write_results(name, result, text, args.out)}")
     return result
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILLs the process group led by `pid` (a child started with `start_new_session=True` and
+    everything it started), if it still exists."""
+    import signal
+
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # already gone
+        pass

@@ -14,7 +14,6 @@ process stays light, and the workloads are built in the harness's worker process
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -100,7 +99,7 @@ def default_run(tiny: bool, repeats: int = 1, timeout: float | None = None) -> d
             try:
                 _, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # its children too
+                common.kill_group(proc.pid)  # its children too
                 proc.communicate()
                 codes.append("timeout")
                 print(f"G3: `jnn train` killed after {timeout:.0f} s", file=sys.stderr)
