@@ -140,3 +140,19 @@ def test_a_terminated_harness_takes_its_worker_down(tmp_path):
             break
         time.sleep(0.1)
     assert not _alive(worker_pid), "the worker outlived the terminated harness"
+
+
+def test_guard_benchmark_writes_its_four_candidates_and_ratios(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.guard", "--workloads", "W1", "--rounds", "1",
+                           "--block-seconds", "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_path,) = tmp_path.glob("guard-*.json")
+    result = json.loads(json_path.read_text())
+    w1 = result["workloads"]["W1"]
+    assert set(w1["wall_ms"]) == {"apply", "skip", "apply_norm", "skip_norm"}
+    assert all(v["median"] > 0 for v in w1["wall_ms"].values())
+    assert set(w1["ratios"]) == {"skip / apply", "skip_norm / apply_norm", "apply_norm / apply"}
+    assert result["environment"]["machine"]["load_average_end"]
+    assert "| W1 tiny MLP" in json_path.with_suffix(".md").read_text()

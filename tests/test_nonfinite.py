@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import jnn
+from jnn.train.step import TRAIN_METRICS, _finite_sum
 from tests import tolerances as tol
 from tests._tiny import TinyBNDropout
 
@@ -62,14 +63,16 @@ def test_apply_keeps_the_nan_forever_which_is_why_skip_exists():
     assert not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(poisoned.params)))
 
 
-def test_nan_gradient_with_a_finite_loss_is_skipped_at_the_chosen_step():
+@pytest.mark.parametrize("metrics", [TRAIN_METRICS, ("loss",)])
+def test_nan_gradient_with_a_finite_loss_is_skipped_at_the_chosen_step(metrics):
+    # with the grad_norm metric the check reads the norm; without it, the gradients' sum
     def loss_fn(outputs, labels, batch):
         # sqrt(|0|) has an infinite derivative: at the poisoned step (poison == 0) the loss is finite
         # but the gradient is NaN.
         poison = jnp.sqrt(jnp.abs(outputs.sum() * batch["poison"][0]))
         return optax.softmax_cross_entropy_with_integer_labels(outputs, labels) + 0.0 * poison
 
-    step = jax.jit(jnn.make_train_step(loss_fn, on_nonfinite="skip"))
+    step = jax.jit(jnn.make_train_step(loss_fn, on_nonfinite="skip", metrics=metrics))
     state = _state()
     flags = []
     for i in range(4):
@@ -81,6 +84,36 @@ def test_nan_gradient_with_a_finite_loss_is_skipped_at_the_chosen_step():
         if i == 2:
             chex.assert_trees_all_equal(_arrays(state), before)
     assert flags == [0.0, 0.0, 1.0, 0.0]
+
+
+def _leaves():
+    rng = np.random.default_rng(0)
+    return {"kernel": rng.normal(size=(6, 4)).astype(np.float32),
+            "conv": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+            "scalar": np.float32(0.5),
+            "half": np.full((8, 2), 30000.0, np.float16),  # sums past float16's 65504
+            "bf16": rng.normal(size=(4, 4)).astype(jnp.bfloat16),
+            "complex": (rng.normal(size=(2, 3)) + 1j).astype(np.complex64),
+            "count": np.int32(7),
+            "empty": np.zeros((0, 4), np.float32)}
+
+
+@pytest.mark.parametrize("leaf", ["kernel", "conv", "bias", "scalar", "half", "bf16", "complex"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_the_finiteness_sum_sees_a_nan_or_inf_in_any_leaf(leaf, bad):
+    tree = _leaves()
+    assert np.isfinite(float(jax.jit(_finite_sum)(tree)))  # finite, also with float16 values summing past 65504
+    x = np.array(tree[leaf])
+    x.reshape(-1)[x.size // 2] = bad * (1j if leaf == "complex" and bad is np.nan else 1)
+    tree[leaf] = x
+    assert not np.isfinite(float(jax.jit(_finite_sum)(tree)))
+
+
+def test_the_finiteness_sum_sees_opposite_infinities_in_different_leaves():
+    tree = _leaves()
+    tree["kernel"][0, 0], tree["bias"][1] = np.inf, -np.inf  # the sum is NaN, not a finite number
+    assert not np.isfinite(float(jax.jit(_finite_sum)(tree)))
 
 
 def test_a_masked_nan_example_does_not_reach_the_update():

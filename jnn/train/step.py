@@ -123,10 +123,29 @@ def _without_padding(tree: Any, mask: jax.Array | None) -> Any:
     return jax.tree.map(select, tree)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def _finite_sum(tree: Any) -> jax.Array:
+    """The sum of every floating value in `tree`: finite exactly when every value is (NaN and Inf
+    propagate through a sum; +Inf + -Inf is NaN), short of a total that overflows (~3e38 in
+    float32), which counts as non-finite too.
+
+    The cheapest exact check found on a CPU (`benchmarks/README.md`, "The non-finite guard's cost"):
+    a sum costs half a sum of squares (XLA:CPU squares in a separate pass), and on a CPU a matrix's
+    column sums as a product with ones (one library call) cost less than XLA's reduction passes.
+    """
+    on_cpu = jax.default_backend() == "cpu"
+    total = jnp.zeros((), jnp.float32)
+    for x in jax.tree.leaves(tree):
+        dtype = jnp.result_type(x)
+        if not jnp.issubdtype(dtype, jnp.inexact) or jnp.size(x) == 0:
+            continue
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            x, dtype = jnp.stack([x.real, x.imag]), jnp.finfo(dtype).dtype
+        if on_cpu and x.ndim >= 2 and dtype in (jnp.float32, jnp.float64):
+            columns = x.reshape(-1, x.shape[-1])
+            total = total + jnp.sum(jnp.ones(columns.shape[0], dtype) @ columns)
+        else:  # half precision sums in float32: a float16 sum would overflow at 65504
+            total = total + jnp.sum(x, dtype=jnp.promote_types(dtype, jnp.float32))
+    return total
 
 
 NONFINITE_POLICIES = ("apply", "skip", "raise")
@@ -312,21 +331,23 @@ def make_train_step(
             loss = loss * scale
         out = {"loss": loss}
         guarded = on_nonfinite != "apply" or loss_scale is not None
-        norm = optax.tree.norm(grads) if "grad_norm" in want or guarded else None
+        norm = optax.tree.norm(grads) if "grad_norm" in want else None
         update = lambda: state.apply_gradients(grads, model_state=new_model_state, value=loss)  # noqa: E731
         if not guarded:
             new_state = update()
         else:  # keep the old state, bitwise, when anything is not finite (`step` still advances)
-            # The gradient's global norm is finite exactly when every gradient is (short of a norm
-            # that overflows float32, |g| ~ 1e19, which counts as non-finite too). A cond, not a
-            # select of the whole state: the update then writes in place into the donated buffers,
-            # where a select must first copy the old optimizer state (measured in benchmarks/README.md).
-            loss_ok = jnp.isfinite(loss) & _all_finite(new_model_state)
-            finite = loss_ok & jnp.isfinite(norm)
+            # A cond, not a select of the whole state: the update then writes in place into the
+            # donated buffers, where a select must first copy the old optimizer state. The gradients
+            # are finite exactly when their global norm is (short of a norm that overflows float32,
+            # |g| ~ 1e19, which counts as non-finite too); without the norm metric, their sum is the
+            # cheaper check (measured in benchmarks/README.md, "The non-finite guard's cost").
+            loss_ok = jnp.isfinite(loss) & jnp.isfinite(_finite_sum(new_model_state))
+            grads_ok = jnp.isfinite(norm if norm is not None else _finite_sum(grads))
+            finite = loss_ok & grads_ok
             new_state = lax.cond(finite, update, lambda: state.replace(step=state.step + 1))
             if loss_scale is not None:  # an overflow is the loss scale's business: halve it, skip
                 new_state = new_state.replace(loss_scale=precision_lib.adjust(
-                    loss_scale, jnp.isfinite(norm), state.model.precision))
+                    loss_scale, grads_ok, state.model.precision))
                 out["loss_scale"] = new_state.loss_scale.scale
             if on_nonfinite != "apply":  # with a loss scale, only a non-finite loss counts here
                 out["nonfinite"] = 1.0 - (finite if loss_scale is None else loss_ok).astype(jnp.float32)
