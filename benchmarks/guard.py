@@ -60,8 +60,8 @@ def bench_workload(name: str, rounds: int, block_seconds: float) -> dict:
         step = jnn.jit(jnn.make_train_step(wl.loss_fn, metrics=metrics, on_nonfinite=policy), donate_argnums=0)
         cands[label] = Candidate(step, wl.copy(state), device)
         first[label] = cands[label].run(1)
-    per_step = {k: c.run(3) / 3 for k, c in cands.items()}
-    steps = {k: max(3, min(1000, round(block_seconds / t))) for k, t in per_step.items()}
+    slowest = max(c.run(3) / 3 for c in cands.values())
+    steps = max(3, min(1000, round(block_seconds / slowest)))  # one count for all: the same number of syncs
     wall, cpu = common.interleave({k: c.run for k, c in cands.items()}, rounds, steps, warmup=1)
     return {
         "title": w.title,

@@ -156,3 +156,17 @@ def test_guard_benchmark_writes_its_four_candidates_and_ratios(tmp_path):
     assert set(w1["ratios"]) == {"skip / apply", "skip_norm / apply_norm", "apply_norm / apply"}
     assert result["environment"]["machine"]["load_average_end"]
     assert "| W1 tiny MLP" in json_path.with_suffix(".md").read_text()
+
+
+def test_guard_variants_benchmark_writes_every_variant(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.guard_variants", "--rounds", "1", "--block-seconds",
+                           "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_path,) = tmp_path.glob("guard-variants-*.json")
+    w = json.loads(json_path.read_text())["workload"]
+    from benchmarks.guard_variants import VARIANTS
+
+    assert list(w["wall_ms"]) == list(VARIANTS) and all(v["median"] > 0 for v in w["wall_ms"].values())
+    assert set(w["ratios"]) == {f"{v} / apply" for v in VARIANTS[1:]}

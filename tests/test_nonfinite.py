@@ -1,5 +1,6 @@
 """Never apply a NaN: the step's non-finite policy, masked NaN examples, out-of-range labels, fit's guard."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import optax
 import pytest
 
 import jnn
-from jnn.train.step import TRAIN_METRICS, _finite_sum
+from jnn.train.step import TRAIN_METRICS, _all_finite, _global_norm, _sums_finite
 from tests import tolerances as tol
 from tests._tiny import TinyBNDropout
 
@@ -99,21 +100,67 @@ def _leaves():
             "empty": np.zeros((0, 4), np.float32)}
 
 
+@pytest.mark.parametrize("backend", ["cpu", "other"])  # a product with ones on a CPU, jnp.sum elsewhere
 @pytest.mark.parametrize("leaf", ["kernel", "conv", "bias", "scalar", "half", "bf16", "complex"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_the_finiteness_sum_sees_a_nan_or_inf_in_any_leaf(leaf, bad):
+def test_the_gradient_check_sees_a_nan_or_inf_in_any_leaf(leaf, bad, backend, monkeypatch):
+    if backend == "other":
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     tree = _leaves()
-    assert np.isfinite(float(jax.jit(_finite_sum)(tree)))  # finite, also with float16 values summing past 65504
+    assert bool(jax.jit(_sums_finite)(tree))  # finite, also with float16 values summing past 65504
     x = np.array(tree[leaf])
-    x.reshape(-1)[x.size // 2] = bad * (1j if leaf == "complex" and bad is np.nan else 1)
+    x.reshape(-1)[x.size // 2] = complex(0, bad) if leaf == "complex" else bad  # complex: in the imaginary part
     tree[leaf] = x
-    assert not np.isfinite(float(jax.jit(_finite_sum)(tree)))
+    assert not bool(jax.jit(_sums_finite)(tree))
 
 
-def test_the_finiteness_sum_sees_opposite_infinities_in_different_leaves():
+def test_the_gradient_check_sees_opposite_infinities_whose_sum_is_nan():
     tree = _leaves()
-    tree["kernel"][0, 0], tree["bias"][1] = np.inf, -np.inf  # the sum is NaN, not a finite number
-    assert not np.isfinite(float(jax.jit(_finite_sum)(tree)))
+    tree["kernel"][0, 0], tree["kernel"][3, 2] = np.inf, -np.inf
+    assert not bool(jax.jit(_sums_finite)(tree))
+
+
+def test_the_checks_of_float64_trees_trace_under_strict_promotion():
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+        tree = {"w": np.ones((3, 2)), "b": np.ones(2), "s": np.float32(1.0)}
+        assert bool(jax.jit(_sums_finite)(tree)) and bool(jax.jit(_all_finite)(tree))
+        tree["w"][1, 1] = np.nan
+        assert not bool(jax.jit(_sums_finite)(tree)) and not bool(jax.jit(_all_finite)(tree))
+
+
+def test_the_gradient_norm_of_half_precision_leaves_does_not_overflow():
+    grads = {"a": np.full((100,), 100.0, np.float16), "b": np.full((4, 4), 3.0, jnp.bfloat16)}
+    norm = float(jax.jit(_global_norm)(grads))  # sqrt(100 * 100**2 + 16 * 9) = 1000.07: float16 squares overflow
+    np.testing.assert_allclose(norm, np.sqrt(100 * 100.0 ** 2 + 16 * 9.0), rtol=1e-6)
+
+
+class _StateWithNaN(nn.Module):
+    """Writes sqrt(mean input) into a state collection: NaN for a batch of negative mean, while
+    the loss stays finite; and a finfo.max sentinel, which must not count as non-finite."""
+
+    @nn.compact
+    def __call__(self, x):
+        stat = self.variable("stats", "root_mean", lambda: jnp.zeros(()))
+        sentinel = self.variable("stats", "sentinel", lambda: jnp.full((4,), jnp.finfo(jnp.float32).max))
+        if not self.is_initializing():
+            stat.value = jnp.sqrt(jnp.mean(x))
+            sentinel.value = sentinel.value
+        return nn.Dense(C)(x)
+
+
+@pytest.mark.parametrize("metrics", [TRAIN_METRICS, ("loss",)])
+def test_a_nan_in_the_model_state_with_a_finite_loss_is_skipped(metrics):
+    good = _batch()
+    good["inputs"] = np.abs(good["inputs"])
+    bad = {**good, "inputs": -good["inputs"]}
+    state = jnn.create_train_state(_StateWithNaN(), optax.adam(1e-2), good["inputs"][:1], 0)
+    step = jax.jit(jnn.make_train_step("cross_entropy", on_nonfinite="skip", metrics=metrics))
+    state, metrics_good = step(state, good)  # the sentinels are finite: applied
+    assert float(metrics_good["nonfinite"]) == 0.0
+    before = _arrays(state)
+    after, metrics_bad = step(state, bad)
+    assert np.isfinite(float(metrics_bad["loss"])) and float(metrics_bad["nonfinite"]) == 1.0
+    chex.assert_trees_all_equal(_arrays(after), before)
 
 
 def test_a_masked_nan_example_does_not_reach_the_update():

@@ -46,10 +46,11 @@ def test_bf16_follows_the_float32_loss_curve_and_keeps_float32_parameters():
     assert "bf16" in jaxpr and "bf16" not in str(jax.make_jaxpr(step)(finals["float32"], _batch()))
 
 
-def test_float16_overflow_skips_exactly_that_update_then_the_scale_recovers():
+@pytest.mark.parametrize("metrics", [("loss", "accuracy", "grad_norm"), ("loss",)])  # the norm's check, the sums'
+def test_float16_overflow_skips_exactly_that_update_then_the_scale_recovers(metrics):
     policy = precision.Policy("float32", "float16", "float32", loss_scale="dynamic", period=3)
     state = _cnn_state(policy)
-    step = jax.jit(jnn.make_train_step("cross_entropy", on_nonfinite="skip"))
+    step = jax.jit(jnn.make_train_step("cross_entropy", on_nonfinite="skip", metrics=metrics))
     # A loss scale of 2**40 overflows float16's backward pass (max 65504): the gradients are inf.
     state = state.replace(loss_scale=state.loss_scale._replace(scale=jnp.float32(2.0 ** 40)))
     after, metrics = step(state, _batch())

@@ -123,29 +123,50 @@ def _without_padding(tree: Any, mask: jax.Array | None) -> Any:
     return jax.tree.map(select, tree)
 
 
-def _finite_sum(tree: Any) -> jax.Array:
-    """The sum of every floating value in `tree`: finite exactly when every value is (NaN and Inf
-    propagate through a sum; +Inf + -Inf is NaN), short of a total that overflows (~3e38 in
-    float32), which counts as non-finite too.
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating value in `tree` is finite, exactly (a boolean scalar). For the model
+    state (BatchNorm statistics and the like: small, and possibly holding sentinels such as
+    `finfo.max`, whose sums would overflow)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _sums_finite(tree: Any) -> jax.Array:
+    """Whether every floating value in `tree` is finite, read from one sum per leaf (a boolean
+    scalar): NaN and Inf propagate through a sum, and +Inf + -Inf is NaN, so a leaf's sum is finite
+    exactly when its values are, short of a sum past the dtype's range (~3e38 in float32; half
+    precision sums in float32), which counts as non-finite too. For gradients.
 
     The cheapest exact check found on a CPU (`benchmarks/README.md`, "The non-finite guard's cost"):
-    a sum costs half a sum of squares (XLA:CPU squares in a separate pass), and on a CPU a matrix's
-    column sums as a product with ones (one library call) cost less than XLA's reduction passes.
+    a sum costs half a sum of squares (XLA:CPU squares in a separate pass), and there an array's
+    sums over its leading axes as one product with ones (a library call, no reshape: a sharded
+    axis stays sharded) cost less than XLA's reduction passes.
     """
     on_cpu = jax.default_backend() == "cpu"
-    total = jnp.zeros((), jnp.float32)
+    flags = []
     for x in jax.tree.leaves(tree):
         dtype = jnp.result_type(x)
         if not jnp.issubdtype(dtype, jnp.inexact) or jnp.size(x) == 0:
             continue
         if jnp.issubdtype(dtype, jnp.complexfloating):
-            x, dtype = jnp.stack([x.real, x.imag]), jnp.finfo(dtype).dtype
-        if on_cpu and x.ndim >= 2 and dtype in (jnp.float32, jnp.float64):
-            columns = x.reshape(-1, x.shape[-1])
-            total = total + jnp.sum(jnp.ones(columns.shape[0], dtype) @ columns)
+            x, dtype = jnp.stack([jnp.real(x), jnp.imag(x)]), jnp.finfo(dtype).dtype
+        if on_cpu and jnp.ndim(x) >= 2 and dtype in (jnp.float32, jnp.float64):
+            lead = tuple(range(jnp.ndim(x) - 1))
+            columns = lax.dot_general(jnp.ones(jnp.shape(x)[:-1], dtype), x, ((lead, lead), ((), ())))
+            total = jnp.sum(columns)
         else:  # half precision sums in float32: a float16 sum would overflow at 65504
-            total = total + jnp.sum(x, dtype=jnp.promote_types(dtype, jnp.float32))
-    return total
+            total = jnp.sum(x, dtype=jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype)
+        flags.append(jnp.isfinite(total))
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _global_norm(grads: Any) -> jax.Array:
+    """`optax.tree.norm`, with half-precision leaves squared and summed in float32 (in float16 a
+    norm above 256 would overflow: a reported Inf, and a false non-finite step)."""
+    return optax.tree.norm(jax.tree.map(
+        lambda g: g.astype(jnp.float32) if jnp.issubdtype(g.dtype, jnp.floating) and jnp.finfo(g.dtype).bits < 32
+        else g, grads))
 
 
 NONFINITE_POLICIES = ("apply", "skip", "raise")
@@ -270,7 +291,7 @@ def make_train_step(
       validate: check the batch against the model before tracing (see `check_batch`).
       on_nonfinite: what a step whose loss, gradients or model state are not finite (NaN or Inf)
         does. "apply": nothing special (the bare step). "skip" and "raise": the step leaves
-        params, opt_state and model_state bitwise unchanged (a select on the whole state; `step`
+        params, opt_state and model_state bitwise unchanged (a `lax.cond` around the update; `step`
         still advances, as the data did) and reports `nonfinite` = 1.0 in its metrics; `jnn.fit`
         counts those, stopping after `max_nonfinite` consecutive ones ("skip") or at the first
         ("raise") with an error naming the step and the batch position.
@@ -331,7 +352,7 @@ def make_train_step(
             loss = loss * scale
         out = {"loss": loss}
         guarded = on_nonfinite != "apply" or loss_scale is not None
-        norm = optax.tree.norm(grads) if "grad_norm" in want else None
+        norm = _global_norm(grads) if "grad_norm" in want else None
         update = lambda: state.apply_gradients(grads, model_state=new_model_state, value=loss)  # noqa: E731
         if not guarded:
             new_state = update()
@@ -339,10 +360,10 @@ def make_train_step(
             # A cond, not a select of the whole state: the update then writes in place into the
             # donated buffers, where a select must first copy the old optimizer state. The gradients
             # are finite exactly when their global norm is (short of a norm that overflows float32,
-            # |g| ~ 1e19, which counts as non-finite too); without the norm metric, their sum is the
-            # cheaper check (measured in benchmarks/README.md, "The non-finite guard's cost").
-            loss_ok = jnp.isfinite(loss) & jnp.isfinite(_finite_sum(new_model_state))
-            grads_ok = jnp.isfinite(norm if norm is not None else _finite_sum(grads))
+            # |g| ~ 1e19, which counts as non-finite too); without the norm metric, their sums are
+            # the cheaper check (measured in benchmarks/README.md, "The non-finite guard's cost").
+            loss_ok = jnp.isfinite(loss) & _all_finite(new_model_state)
+            grads_ok = jnp.isfinite(norm) if norm is not None else _sums_finite(grads)
             finite = loss_ok & grads_ok
             new_state = lax.cond(finite, update, lambda: state.replace(step=state.step + 1))
             if loss_scale is not None:  # an overflow is the loss scale's business: halve it, skip
