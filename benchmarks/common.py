@@ -61,6 +61,23 @@ def environment(packages: Iterable[str] = ("jax", "jaxlib", "flax", "optax", "nu
     }
 
 
+def add_run_arguments(parser, rounds: int, block_seconds: float) -> None:
+    """--rounds, --block-seconds, --out and --no-save, as the in-process benchmarks take them."""
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
+    parser.add_argument("--block-seconds", type=float, default=block_seconds, help="target time of one block of steps")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--no-save", action="store_true")
+
+
+def jax_environment() -> dict:
+    """`environment()` of a JAX-only benchmark, with the backend it runs on."""
+    import jax
+
+    env = environment(("jax", "jaxlib", "flax", "optax", "numpy"))
+    env["jax_backend"] = jax.default_backend()
+    return env
+
+
 def finish(env: dict) -> dict:
     """Records the load average at the end of the run into `env` (and returns it)."""
     env["machine"]["load_average_end"] = load_average()

@@ -24,6 +24,7 @@ import optax
 
 import jnn
 from benchmarks import common
+from benchmarks.harness import JaxCandidate
 from benchmarks import workloads as wl
 
 METRICS = ("loss", "accuracy")
@@ -36,20 +37,6 @@ CANDIDATES = {  # name -> (policy, metrics)
 PAIRS = (("skip", "apply"), ("skip_norm", "apply_norm"), ("apply_norm", "apply"))
 
 
-class Candidate:
-    def __init__(self, step, state, batches):
-        self.step, self.state, self.batches, self.i = step, state, batches, 0
-
-    def run(self, n: int) -> float:
-        start = time.perf_counter()
-        out = None
-        for _ in range(n):
-            self.state, out = self.step(self.state, self.batches[self.i % len(self.batches)])
-            self.i += 1
-        jax.block_until_ready((self.state, out))
-        return time.perf_counter() - start
-
-
 def bench_workload(name: str, rounds: int, block_seconds: float) -> dict:
     w = wl.cpu_workloads()[name]
     host = wl.make_batches(w)
@@ -58,7 +45,7 @@ def bench_workload(name: str, rounds: int, block_seconds: float) -> dict:
     cands, first = {}, {}
     for label, (policy, metrics) in CANDIDATES.items():
         step = jnn.jit(jnn.make_train_step(wl.loss_fn, metrics=metrics, on_nonfinite=policy), donate_argnums=0)
-        cands[label] = Candidate(step, wl.copy(state), device)
+        cands[label] = JaxCandidate(step, wl.copy(state), device)
         first[label] = cands[label].run(1)
     slowest = max(c.run(3) / 3 for c in cands.values())
     steps = max(3, min(1000, round(block_seconds / slowest)))  # one count for all: the same number of syncs
@@ -98,17 +85,13 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.guard", description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=["W1", "W3"])
-    p.add_argument("--rounds", type=int, default=21)
-    p.add_argument("--block-seconds", type=float, default=0.15)
-    p.add_argument("--out", default=None)
-    p.add_argument("--no-save", action="store_true")
+    common.add_run_arguments(p, rounds=21, block_seconds=0.15)
     args = p.parse_args(argv)
     known = wl.cpu_workloads()
     unknown = [w for w in args.workloads if w not in known]
     if unknown:
         p.error(f"unknown workload(s) {unknown}; expected some of {sorted(known)}")
-    env = common.environment(("jax", "jaxlib", "flax", "optax", "numpy"))
-    env["jax_backend"] = jax.default_backend()
+    env = common.jax_environment()
     start = time.perf_counter()
     workloads = {name: bench_workload(name, args.rounds, args.block_seconds) for name in args.workloads}
     common.publish("guard", env, args, {"seconds": time.perf_counter() - start, "workloads": workloads}, markdown)

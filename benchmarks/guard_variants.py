@@ -29,6 +29,7 @@ import optax
 from jax import lax
 
 from benchmarks import common
+from benchmarks.harness import JaxCandidate
 from benchmarks import workloads as wl
 from jnn.train.step import _sums_finite
 
@@ -77,20 +78,6 @@ def make_step(model, tx, variant: str):
     return jax.jit(step, donate_argnums=0)
 
 
-class Candidate:
-    def __init__(self, step, carry, batches):
-        self.step, self.carry, self.batches, self.i = step, carry, batches, 0
-
-    def run(self, n: int) -> float:
-        start = time.perf_counter()
-        out = None
-        for _ in range(n):
-            self.carry, out = self.step(self.carry, self.batches[self.i % len(self.batches)])
-            self.i += 1
-        jax.block_until_ready((self.carry, out))
-        return time.perf_counter() - start
-
-
 def bench(name: str, variants: list[str], rounds: int, block_seconds: float) -> dict:
     w = wl.cpu_workloads()[name]
     host = wl.make_batches(w)
@@ -100,7 +87,7 @@ def bench(name: str, variants: list[str], rounds: int, block_seconds: float) -> 
     cands = {}
     for v in variants:
         p = wl.copy(params)
-        cands[v] = Candidate(make_step(model, tx, v), (p, tx.init(p), jnp.int32(0)), device)
+        cands[v] = JaxCandidate(make_step(model, tx, v), (p, tx.init(p), jnp.int32(0)), device)
         cands[v].run(1)
     slowest = max(c.run(3) / 3 for c in cands.values())
     steps = max(3, min(1000, round(block_seconds / slowest)))
@@ -131,13 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--workload", default="W1", choices=sorted(wl.cpu_workloads()))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="the first is the baseline of the ratios")
-    p.add_argument("--rounds", type=int, default=41)
-    p.add_argument("--block-seconds", type=float, default=0.12)
-    p.add_argument("--out", default=None)
-    p.add_argument("--no-save", action="store_true")
+    common.add_run_arguments(p, rounds=41, block_seconds=0.12)
     args = p.parse_args(argv)
-    env = common.environment(("jax", "jaxlib", "flax", "optax", "numpy"))
-    env["jax_backend"] = jax.default_backend()
+    env = common.jax_environment()
     start = time.perf_counter()
     workload = bench(args.workload, args.variants, args.rounds, args.block_seconds)
     common.publish("guard-variants", env, args, {"seconds": time.perf_counter() - start, "workload": workload},

@@ -75,13 +75,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=["digits_cnn", "mlp_mnist", "gpt_char_tiny"],
                    choices=list(WORKLOADS))
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--block-seconds", type=float, default=0.25)
-    p.add_argument("--out", default=None)
-    p.add_argument("--no-save", action="store_true")
+    common.add_run_arguments(p, rounds=7, block_seconds=0.25)
     args = p.parse_args(argv)
-    env = common.environment(("jax", "jaxlib", "flax", "optax", "numpy"))
-    env["jax_backend"] = jax.default_backend()
+    env = common.jax_environment()
     start = time.perf_counter()
     workloads = {name: bench_workload(name, args.rounds, args.block_seconds) for name in args.workloads}
     common.publish("precision", env, args, {"seconds": time.perf_counter() - start, "workloads": workloads},
