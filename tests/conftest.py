@@ -13,13 +13,15 @@ os.environ.setdefault("JNN_COMPILATION_CACHE", "")
 # One persistent compilation cache for the whole run: pytest sets it here before it starts its
 # xdist workers, which inherit it, as does every process a test starts. A program one test
 # compiled is loaded by the next test that builds the same one, instead of compiled again (the
-# suite's models repeat: test_loop, test_step and test_model took 114 s instead of 182 s). A size
-# limit turns on JAX's file lock, so two workers never read a half-written entry. A run that sets
-# JAX_COMPILATION_CACHE_DIR itself keeps its own.
+# suite's models repeat: test_loop, test_step and test_model took 114 s instead of 182 s). Only
+# programs that took 0.1 s or more to compile are written: eager ops, thousands of tiny programs,
+# made test_step.py 3.7x slower with every program written. A size limit turns on JAX's file
+# lock, so two workers never read a half-written entry. A run that sets JAX_COMPILATION_CACHE_DIR
+# itself keeps its own (an empty value turns the cache off).
 _CACHE_CREATED = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE_CREATED = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jnn-tests-xla-")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
