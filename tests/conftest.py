@@ -15,7 +15,7 @@ os.environ.setdefault("JNN_COMPILATION_CACHE", "")
 # compiled is loaded by the next test that builds the same one, instead of compiled again (the
 # suite's models repeat: test_loop, test_step and test_model took 114 s instead of 182 s). Only
 # programs that took 0.1 s or more to compile are written: eager ops, thousands of tiny programs,
-# made test_step.py 3.7x slower with every program written. A size limit turns on JAX's file
+# made the eager and property tests 3-6x slower with every program written. A size limit turns on JAX's file
 # lock, so two workers never read a half-written entry. A run that sets JAX_COMPILATION_CACHE_DIR
 # itself keeps its own (an empty value turns the cache off).
 _CACHE_CREATED = None
