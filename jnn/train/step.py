@@ -47,6 +47,8 @@ def _takes_batch(fn: Callable) -> bool:
 def _array_loss(fn: Callable) -> bool:
     """A library loss that takes the model's output array (jnn.losses, optax.losses)."""
     fn = getattr(fn, "func", fn)  # functools.partial
+    if fn in losses_lib.STRUCTURED_OUTPUT_LOSSES:  # e.g. "elbo": the VAE's (logits, mean, logvar)
+        return False
     module = getattr(fn, "__module__", "") or ""
     return module.startswith(("jnn.losses", "optax"))
 
