@@ -59,6 +59,7 @@ class NnxModel:
     batch_stats: tuple[bool, ...]  # per model_state leaf
     call_rngs: bool = False  # __call__ takes `rngs`: jnn passes an nnx.Rngs derived from the step key
     sync_batch_norm: bool = True
+    dropout: bool = True  # False: every nnx.Dropout runs with rate 0 (see LinenModel.dropout)
     precision: Any = None  # a jnn.precision.Policy applied around every run
     reparam: Any = None  # state params -> the module's (e.g. jnn.lora.LoRA)
 
@@ -66,7 +67,8 @@ class NnxModel:
 
     def _key(self):
         return (self.graphdef, self.params_def, self.state_def, self.rng_def, self.rng_leaves,
-                self.rng_tags, self.batch_stats, self.call_rngs, self.sync_batch_norm, self.precision, self.reparam)
+                self.rng_tags, self.batch_stats, self.call_rngs, self.sync_batch_norm, self.dropout,
+                self.precision, self.reparam)
 
     def __eq__(self, other):
         return isinstance(other, NnxModel) and self._key() == other._key()
@@ -110,6 +112,8 @@ class NnxModel:
         for _, sub in nnx.iter_modules(module):
             if isinstance(sub, nnx.BatchNorm):
                 sub.axis_name = axis_name if self.sync_batch_norm else None
+            elif isinstance(sub, nnx.Dropout) and not self.dropout:
+                sub.rate = 0.0
         outputs = module(*call_args(inputs), **self._call_kwargs(rng))
         new_state = _pure(nnx.state(module, _STATE))
         if jax.tree.structure(new_state) != jax.tree.structure(model_state):
