@@ -47,7 +47,7 @@ class JnnLoop:
         # One optimizer for every seed: the state holds `tx` as a static field, so a new optax
         # object (even an equal chain) is a new jit cache key and the step compiles again.
         self.tx = _optimizer()
-        self.step = jnn.jit(jnn.make_train_step("cross_entropy", metrics=("loss",)), donate_argnums=0)
+        self.step = jnn.jit(jnn.make_train_step("cross_entropy", metrics=("loss",), on_nonfinite="apply"), donate_argnums=0)
         self.eval = jnn.jit(jnn.make_eval_step("cross_entropy"))
 
     def init(self, seed):

@@ -179,8 +179,8 @@ def build_jax_candidates(w, peers, full: bool) -> dict:
     state = jnn.create_train_state(model, tx, example, 0, precision=w.precision)
     # jnn compiles its steps with `jnn.jit` (jax.jit plus the XLA options in jnn/compiler.py), as
     # fit and `jnn train` do; the raw and flax peers use plain jax.jit, as their users write it.
-    cands = {"jnn": JaxCandidate(jnn.jit(jnn.make_train_step(wl.loss_fn, metrics=("loss", "accuracy")),
-                                         donate_argnums=0), wl.copy(state), device)}
+    cands = {"jnn": JaxCandidate(jnn.jit(jnn.make_train_step(wl.loss_fn, metrics=("loss", "accuracy"),
+                                                             on_nonfinite="apply"), donate_argnums=0), wl.copy(state), device)}
     if full and "jnn_default" in peers:  # jnn's defaults: inject_hyperparams optimizer, every metric
         default = state.replace(tx=jnn.make_optimizer(jnn.OptimConfig("adam", wl.LR)))
         default = default.replace(opt_state=default.tx.init(default.params))

@@ -113,15 +113,15 @@ def build_variants(args):
         variants["hand_pmap" + suffix] = (lambda s, b, f=hand_p: f(*s, b)[:2],
                                           parallel.pmap_replicate(fresh((state0.params, state0.opt_state))), pbatch)
     for which, suffix in ((None, ""), (("loss",), "_bare")):
-        kwargs = {} if which is None else {"metrics": which}
+        kwargs = {"on_nonfinite": "apply"} if which is None else {"metrics": which, "on_nonfinite": "apply"}
         dp = parallel.data_parallel(jnn.make_train_step(loss_fn, **kwargs), mesh)
         variants["jnn_jit" + suffix] = (lambda s, b, f=dp: f(s, b)[0], dp.shard_state(fresh(state0)),
                                         dp.shard_batch(batch))
         pm = parallel.pmap_train_step(jnn.make_train_step(loss_fn, axis_name="batch", **kwargs))
         variants["jnn_pmap" + suffix] = (lambda s, b, f=pm: f(s, b)[0], pm.replicate(fresh(state0)), pbatch)
-    core = jax.jit(jnn.make_train_step(loss_fn), in_shardings=(rep, split), out_shardings=rep, donate_argnums=0)
+    core = jax.jit(jnn.make_train_step(loss_fn, on_nonfinite="apply"), in_shardings=(rep, split), out_shardings=rep, donate_argnums=0)
     variants["core_jit"] = (lambda s, b: core(s, b)[0], jax.device_put(fresh(state0), rep), jax.device_put(batch, split))
-    core_p = jax.pmap(jnn.make_train_step(loss_fn, axis_name="batch"), axis_name="batch", donate_argnums=0)
+    core_p = jax.pmap(jnn.make_train_step(loss_fn, axis_name="batch", on_nonfinite="apply"), axis_name="batch", donate_argnums=0)
     variants["core_pmap"] = (lambda s, b: core_p(s, b)[0], parallel.pmap_replicate(fresh(state0)), pbatch)
 
     import time

@@ -4,11 +4,11 @@
   python benchmarks/step.py --workloads digits_cnn mlp_mnist --rounds 5 --no-save
 
 Candidates, all training the same flax model with Adam(1e-3) on the same synthetic batches:
-  jnn              jax.jit(jnn.make_train_step(loss), donate_argnums=0), state from
+  jnn              jax.jit(jnn.make_train_step(loss, on_nonfinite="apply"), donate_argnums=0), state from
                    jnn.create_train_state, optimizer jnn.make_optimizer(OptimConfig("adam", 1e-3))
   jnn_plain_adam   the same step with tx=optax.adam(1e-3): no `inject_hyperparams` wrapper
   jnn_bare         jnn_plain_adam with make_train_step(loss, metrics=("loss",)): raw's work
-  jnn_skip         `jnn` with on_nonfinite="skip" (fit's default): a NaN/Inf step keeps the state
+  jnn_skip         `jnn` with on_nonfinite="skip" (the default, fit's too): a NaN/Inf step keeps the state
   raw              hand-written raw JAX + optax: (params, opt_state, batch_stats, rng) tuples
                    (rng only for models with dropout), jax.value_and_grad, optax.adam(1e-3),
                    jit + donate, returns only the loss
@@ -233,11 +233,12 @@ def build_candidates(name: str, batch_size: int, num_classes: int, args) -> dict
     tx = jnn.make_optimizer(jnn.OptimConfig("adam", LR))
     state = jnn.create_train_state(model, tx, example, 0)
 
-    jnn_step = jax.jit(jnn.make_train_step(loss_fn), donate_argnums=0)
+    jnn_step = jax.jit(jnn.make_train_step(loss_fn, on_nonfinite="apply"), donate_argnums=0)
     plain_state = jnn.create_train_state(model, optax.adam(LR), example, 0)
-    plain_step = jax.jit(jnn.make_train_step(loss_fn), donate_argnums=0)
-    bare_step = jax.jit(jnn.make_train_step(loss_fn, metrics=("loss",)), donate_argnums=0)  # raw's work
-    skip_step = jax.jit(jnn.make_train_step(loss_fn, on_nonfinite="skip"), donate_argnums=0)  # fit's default
+    plain_step = jax.jit(jnn.make_train_step(loss_fn, on_nonfinite="apply"), donate_argnums=0)
+    bare_step = jax.jit(jnn.make_train_step(loss_fn, metrics=("loss",), on_nonfinite="apply"),
+                        donate_argnums=0)  # raw's work
+    skip_step = jax.jit(jnn.make_train_step(loss_fn), donate_argnums=0)  # the default (skip), as fit builds it
 
     raw_step, raw_tx = make_raw_step(model, uses_dropout, with_metrics=False)
     raw_m_step, _ = make_raw_step(model, uses_dropout, with_metrics=True)

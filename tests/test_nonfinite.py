@@ -58,10 +58,13 @@ def test_skip_leaves_the_state_bitwise_unchanged_and_reports_it(kind):
     assert float(metrics["nonfinite"]) == 0.0 and all(np.isfinite(x).all() for x in jax.tree.leaves(_arrays(again)))
 
 
-def test_apply_keeps_the_nan_forever_which_is_why_skip_exists():
+def test_apply_keeps_the_nan_forever_which_is_why_skip_is_the_default():
     state = _state()
-    poisoned, _ = jax.jit(jnn.make_train_step("cross_entropy"))(state, _poisoned("nan_input"))
+    poisoned, _ = jax.jit(jnn.make_train_step("cross_entropy", on_nonfinite="apply"))(state, _poisoned("nan_input"))
     assert not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(poisoned.params)))
+    kept, metrics = jax.jit(jnn.make_train_step("cross_entropy"))(state, _poisoned("nan_input"))  # the default
+    assert float(metrics["nonfinite"]) == 1.0
+    chex.assert_trees_all_equal(_arrays(kept), _arrays(state))
 
 
 @pytest.mark.parametrize("metrics", [TRAIN_METRICS, ("loss",)])
@@ -169,7 +172,7 @@ def test_a_masked_nan_example_does_not_reach_the_update():
     masked = {**batch, "mask": np.r_[0.0, np.ones(B - 1)].astype(np.float32)}
     state = jnn.create_train_state(jnn.models.MLP(hidden_sizes=(8,), num_classes=C), optax.sgd(0.1),
                                    batch["inputs"][:1], 0)
-    step = jax.jit(jnn.make_train_step("cross_entropy"))  # even the bare "apply" step
+    step = jax.jit(jnn.make_train_step("cross_entropy", on_nonfinite="apply"))  # even the bare step
     got, metrics = step(state, masked)
     want, want_metrics = step(state, {k: v[1:] for k, v in batch.items()})
     np.testing.assert_allclose(float(metrics["loss"]), float(want_metrics["loss"]), rtol=tol.F32_REORDER_RTOL)
@@ -182,7 +185,8 @@ def test_out_of_range_labels_under_jit_give_nan_not_another_class(label):
     state = _state()
     batch = _batch()
     batch["labels"][4] = label
-    _, metrics = jax.jit(jnn.make_train_step(optax.softmax_cross_entropy_with_integer_labels))(state, batch)
+    _, metrics = jax.jit(jnn.make_train_step(optax.softmax_cross_entropy_with_integer_labels,
+                                             on_nonfinite="apply"))(state, batch)
     assert np.isnan(float(metrics["loss"]))
     _, metrics = jax.jit(jnn.make_train_step("cross_entropy", on_nonfinite="skip"))(state, batch)
     assert float(metrics["nonfinite"]) == 1.0

@@ -75,11 +75,13 @@ def test_metrics_subset_computes_only_those_and_updates_the_same(masked):
     tx = jnn.make_optimizer(name="adam", learning_rate=1e-2)
     full, full_metrics = jax.jit(jnn.make_train_step(CE))(_state(TinyBNDropout(), tx, batch), batch)
     bare, bare_metrics = jax.jit(jnn.make_train_step(CE, metrics=("loss",)))(_state(TinyBNDropout(), tx, batch), batch)
-    assert set(full_metrics) == set(jnn.train.step.TRAIN_METRICS) and set(bare_metrics) == {"loss"}
+    # the default non-finite policy, "skip", reports `nonfinite` whatever the metrics asked for
+    assert set(full_metrics) == {*jnn.train.step.TRAIN_METRICS, "nonfinite"}
+    assert set(bare_metrics) == {"loss", "nonfinite"}
     chex.assert_trees_all_close(_arrays(bare), _arrays(full), rtol=0, atol=0)  # metrics never change the update
     np.testing.assert_array_equal(bare_metrics["loss"], full_metrics["loss"])
     _, some = jax.jit(jnn.make_train_step(CE, metrics=["accuracy", "learning_rate"]))(_state(TinyBNDropout(), tx, batch), batch)
-    assert set(some) == {"loss", "accuracy", "learning_rate"}
+    assert set(some) == {"loss", "accuracy", "learning_rate", "nonfinite"}
 
 
 @pytest.mark.parametrize("metrics", [("loss", "gradnorm"), "gradnorm"])
@@ -98,7 +100,7 @@ def test_shapes_of_state_and_metrics(model):
     chex.assert_trees_all_equal_shapes_and_dtypes(new_state.params, state.params)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_state.opt_state, state.opt_state)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_state.model_state, state.model_state)
-    assert set(metrics) == {"loss", "accuracy", "grad_norm", "learning_rate"}
+    assert set(metrics) == {"loss", "accuracy", "grad_norm", "learning_rate", "nonfinite"}
     for value in metrics.values():
         chex.assert_shape(value, ())
     assert int(new_state.step) == 1

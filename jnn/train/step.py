@@ -281,7 +281,7 @@ def make_train_step(
     axis_name: str | None = None,
     metrics: Collection[str] = TRAIN_METRICS,
     validate: bool = True,
-    on_nonfinite: str = "apply",
+    on_nonfinite: str = "skip",
 ) -> "Step":
     """Returns a pure `train_step(state, batch) -> (new_state, metrics)`, as a `Step`.
 
@@ -304,11 +304,13 @@ def make_train_step(
         `benchmarks/README.md`); `metrics=("loss",)` is the bare step.
       validate: check the batch against the model before tracing (see `check_batch`).
       on_nonfinite: what a step whose loss, gradients or model state are not finite (NaN or Inf)
-        does. "apply": nothing special (the bare step). "skip" and "raise": the step leaves
-        params, opt_state and model_state bitwise unchanged (a `lax.cond` around the update; `step`
-        still advances, as the data did) and reports `nonfinite` = 1.0 in its metrics; `jnn.fit`
-        counts those, stopping after `max_nonfinite` consecutive ones ("skip") or at the first
-        ("raise") with an error naming the step and the batch position.
+        does. "skip" (the default) and "raise": the step leaves params, opt_state and model_state
+        bitwise unchanged (a `lax.cond` around the update; `step` still advances, as the data did)
+        and reports `nonfinite` = 1.0 in its metrics; `jnn.fit` counts those, stopping after
+        `max_nonfinite` consecutive ones ("skip") or at the first ("raise") with an error naming
+        the step and the batch position. With the default metrics the check reads the gradient
+        norm the `grad_norm` metric computes anyway (its cost: `benchmarks/README.md`). "apply":
+        the bare step, which applies a NaN update (every parameter becomes NaN, silently).
 
     Returns:
       `train_step`, whose metrics are scalars named as in `metrics` (plus "nonfinite" when
