@@ -27,6 +27,35 @@ def _check(**batch):
     jnn.check_batch(_state(), {"inputs": X, "labels": Y, **batch})
 
 
+def _foreign_params_step(kind: str):
+    """A step on a state whose params come from another model (linen: other widths; nnx: other names)."""
+    import jax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    if kind == "linen":
+        state = jnn.create_train_state(jnn.models.MLP(hidden_sizes=(4,), num_classes=C), optax.sgd(0.1), X[:1], 0)
+        other = jnn.create_train_state(jnn.models.MLP(hidden_sizes=(6,), num_classes=C), optax.sgd(0.1), X[:1], 0)
+    else:
+        class A(nnx.Module):
+            def __init__(self, rngs):
+                self.head = nnx.Linear(F, C, rngs=rngs)
+
+            def __call__(self, x):
+                return self.head(x)
+
+        class B(A):
+            def __init__(self, rngs):
+                self.out = nnx.Linear(F, C, rngs=rngs)
+
+            def __call__(self, x):
+                return self.out(x)
+
+        state = jnn.create_train_state(A(nnx.Rngs(0)), optax.sgd(0.1), X[:1], 0)
+        other = jnn.create_train_state(B(nnx.Rngs(0)), optax.sgd(0.1), X[:1], 0)
+    jax.jit(jnn.make_train_step("cross_entropy"))(state.replace(params=other.params, opt_state=other.opt_state),
+                                                  {"inputs": X, "labels": Y})
+
+
 def _override(*assignments):
     config_lib.override(config_lib.Config(), assignments)
 
@@ -47,6 +76,10 @@ CASES = [
     ("string class labels", lambda: _check(labels=np.array(["cat", "dog"] * 4)), r"holds strings.*np.unique"),
     ("string class labels into a pipeline",
      lambda: jnn.data.Pipeline({"inputs": X, "labels": np.array(["cat", "dog"] * 4)}, 4), r"holds strings.*np.unique"),
+    ("a state whose params come from another linen model", lambda: _foreign_params_step("linen"),
+     r"do not belong to this model; first difference: params\['dense_0'\]\['bias'\]: the model expects shape \(4,\)"),
+    ("a state whose params come from another nnx model", lambda: _foreign_params_step("nnx"),
+     r"do not belong to this model; first difference: params\['head'\]\['bias'\]: the model has it"),
     ("an empty batch", lambda: _check(inputs=X[:0], labels=Y[:0]), r"the batch is empty"),
     ("a mask of the wrong shape", lambda: _check(mask=np.ones((B, 2), np.float32)), r"batch\['mask'\] has shape"),
     ("inputs as a dict for an array model", lambda: _check(inputs={"x": X}), r"structure"),

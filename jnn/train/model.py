@@ -171,6 +171,29 @@ def _dropout_off():
     return nn.intercept_methods(interceptor)
 
 
+def first_difference(expected: PyTree, got: PyTree, prefix: str = "params") -> str:
+    """The first path where two parameter trees differ: a missing or extra entry, or a shape."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(p): tuple(jnp.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+    want, have = shapes(expected), shapes(got)
+    for path in sorted(set(want) | set(have)):
+        if path not in have:
+            return f"{prefix}{path}: the model has it {want[path]}, the state does not"
+        if path not in want:
+            return f"{prefix}{path}: the state has it {have[path]}, the model does not"
+        if want[path] != have[path]:
+            return f"{prefix}{path}: the model expects shape {want[path]}, the state holds {have[path]}"
+    return "(no difference in the parameters' paths and shapes)"
+
+
+def other_model_error(where: str, difference: str) -> ValueError:
+    return ValueError(
+        f"{where}: the state's parameters do not belong to this model; first difference: {difference}. "
+        f"Fix: create the state from this model (jnn.create_train_state), or load matching weights "
+        f"(jnn.transfer.load_pretrained names every unmatched tensor).")
+
+
 def _same_shapes(a: PyTree, b: PyTree) -> bool:
     """Same structure and shapes: a state collection; a sown one grows (its tuples get longer)."""
     shapes = lambda t: [tuple(jnp.shape(x)) for x in jax.tree.leaves(t)]  # noqa: E731
@@ -247,10 +270,16 @@ class LinenModel:
         # call); evaluation discards the updates.
         mutable = list(self.collections) if self.collections else False
         module = self.module if self.compute_module is None else self.compute_module
-        with _batch_norm_axis(axis_name if self.sync_batch_norm else None), \
-                (contextlib.nullcontext() if self.dropout else _dropout_off()):
-            out = module.apply({"params": params, **model_state}, *call_args(inputs), rngs=rngs,
-                               mutable=mutable, **mode)
+        try:
+            with _batch_norm_axis(axis_name if self.sync_batch_norm else None), \
+                    (contextlib.nullcontext() if self.dropout else _dropout_off()):
+                out = module.apply({"params": params, **model_state}, *call_args(inputs), rngs=rngs,
+                                   mutable=mutable, **mode)
+        except (flax.errors.ScopeParamNotFoundError, flax.errors.ScopeParamShapeError) as err:
+            expected = jax.eval_shape(lambda x: self.module.init(jax.random.key(0), *call_args(x),
+                                                                 **(self.mode.kwargs(False) if self.mode else {})),
+                                      inputs)["params"]
+            raise other_model_error("the model", first_difference(expected, params)) from err
         if not mutable:
             return _to_output(self.precision, out), model_state
         outputs, updated = out

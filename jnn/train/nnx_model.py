@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jnn.train.model import _model_params, _to_compute, _to_output, call_args, stream_keys
+from jnn.train.model import _model_params, _to_compute, _to_output, call_args, other_model_error, stream_keys
 
 PyTree = Any
 
@@ -60,6 +60,7 @@ class NnxModel:
     call_rngs: bool = False  # __call__ takes `rngs`: jnn passes an nnx.Rngs derived from the step key
     sync_batch_norm: bool = True
     dropout: bool = True  # False: every nnx.Dropout runs with rate 0 (see LinenModel.dropout)
+    param_paths: tuple[str, ...] = ()  # the parameters' paths, to name the first one a foreign state lacks
     precision: Any = None  # a jnn.precision.Policy applied around every run
     reparam: Any = None  # state params -> the module's (e.g. jnn.lora.LoRA)
 
@@ -68,7 +69,7 @@ class NnxModel:
     def _key(self):
         return (self.graphdef, self.params_def, self.state_def, self.rng_def, self.rng_leaves,
                 self.rng_tags, self.batch_stats, self.call_rngs, self.sync_batch_norm, self.dropout,
-                self.precision, self.reparam)
+                self.param_paths, self.precision, self.reparam)
 
     def __eq__(self, other):
         return isinstance(other, NnxModel) and self._key() == other._key()
@@ -81,6 +82,12 @@ class NnxModel:
 
     def merge(self, params: PyTree, model_state: PyTree, rng: jax.Array | None = None) -> nnx.Module:
         """The module, rebuilt from `params` and `model_state` (its rng streams reseeded from `rng`)."""
+        paths = tuple(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
+        if self.param_paths and paths != self.param_paths:
+            missing = [p for p in self.param_paths if p not in paths]
+            extra = [p for p in paths if p not in self.param_paths]
+            raise other_model_error("the nnx model", f"params{missing[0]}: the model has it, the state does not"
+                                    if missing else f"params{extra[0]}: the state has it, the model does not")
         placeholders = [_placeholder_key(shape, impl) if impl else jnp.zeros(shape, dtype)
                         for shape, dtype, impl in self.rng_leaves]
         module = nnx.merge(self.graphdef, jax.tree.unflatten(self.params_def, jax.tree.leaves(params)),
@@ -147,7 +154,8 @@ def split_nnx(module: nnx.Module) -> tuple[NnxModel, dict, dict]:
     tags = sorted({v.tag for v in variables(rngs) if isinstance(v, nnx.RngKey)})
     flags = tuple(isinstance(v, nnx.BatchStat) for v in variables(state))
     model = NnxModel(graphdef, jax.tree.structure(params), jax.tree.structure(state), jax.tree.structure(rngs),
-                     rng_leaves, tuple(tags), flags, _takes_call_rngs(module))
+                     rng_leaves, tuple(tags), flags, _takes_call_rngs(module),
+                     param_paths=tuple(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure_params)))
     copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 - a donated step must not free the module's arrays
     return model, copy(pure_params), copy(pure_state)
 
