@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jnn._claim import Claim
 from jnn._names import path_str
 from jnn.train.state import TrainState
 
@@ -138,15 +139,24 @@ class Checkpointer:
       best_metric: also keep the checkpoint with the best value of this metric (None: don't).
       best_mode: "max" or "min" for `best_metric`.
       async_save: write in a background thread (call `wait()` before reading the files).
+      read_only: only restore (e.g. evaluating a run that may still be training): the directory
+        is not claimed. A writing checkpointer claims it (process 0 of a multi-process run), so a
+        second writer, in any process on this machine or another, is refused at once naming
+        the holder (`jnn._claim`); the claim ends with `close()` or with the process.
+
+    Raises:
+      ClaimedError: (a `ValueError`) another live process writes this directory.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = None,
-                 best_mode: str = "max", async_save: bool = False):
+                 best_mode: str = "max", async_save: bool = False, read_only: bool = False):
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}.")
         if keep < 1:
             raise ValueError(f"keep must be >= 1; got {keep}.")
         self.directory = os.path.abspath(os.fspath(directory))
+        self._claim = None if read_only or jax.process_index() != 0 else \
+            Claim(self.directory, "checkpoint directory", "jnn.Checkpointer").acquire()
         self.best_metric, self.best_mode = best_metric, best_mode
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep)]
         if best_metric is not None:
@@ -280,8 +290,12 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        finally:
+            if self._claim is not None:
+                self._claim.release()
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--timeout", type=int, default=None, metavar="S",
                        help="multi-process runs: seconds to wait for the other processes to connect, and "
                             "after which a silent process counts as dead (default 120)")
+    train.add_argument("--no-cluster", action="store_true",
+                       help="ignore SLURM / Open MPI variables: train as one process (JNN_CLUSTER=off)")
+    train.add_argument("--requeue", action="store_true",
+                       help="under SLURM, after a preemption checkpoint, requeue the job (`scontrol requeue`)")
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split")
     ev.add_argument("run_dir")
@@ -115,10 +119,36 @@ def _launch(args, argv: list[str]) -> int:
 
 
 def _train(args) -> int:
+    from jnn import _claim, parallel
+    from jnn.train.preemption import Preempted
+
+    if args.no_cluster:
+        os.environ["JNN_CLUSTER"] = "off"
+    if args.resume or args.run_dir:  # a run still writing there: refuse in every process, before connecting
+        _claim.probe(os.path.abspath(args.resume or args.run_dir))
+    timeout = {} if args.timeout is None else {"timeout_s": args.timeout}
+    try:
+        return _train_joined(args, parallel.initialize(**timeout))
+    except Preempted:
+        if args.requeue and os.environ.get("SLURM_JOB_ID") and parallel.process_index() == 0:
+            _requeue(os.environ["SLURM_JOB_ID"])
+        raise
+
+
+def _requeue(job_id: str) -> None:
+    """`scontrol requeue JOB`: SLURM runs the batch script again (it resumes from the checkpoint)."""
+    import subprocess
+
+    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    print(f"jnn train: `scontrol requeue {job_id}`: "
+          + ("done" if done.returncode == 0 else f"failed ({done.stderr.strip() or done.returncode})"),
+          file=sys.stderr, flush=True)
+
+
+def _train_joined(args, multi_process: bool) -> int:
     from jnn import parallel
 
-    timeout = {} if args.timeout is None else {"timeout_s": args.timeout}
-    if not parallel.initialize(**timeout):  # one process, or this one joined a multi-process run
+    if not multi_process:  # one process, or this one joined a multi-process run
         return _train_process(args)
     if not (args.resume or args.run_dir):
         raise ValueError("a multi-process `jnn train` needs --run-dir DIR (or --resume DIR): every process must "

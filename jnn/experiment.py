@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jnn import _claim as claim_lib
 from jnn import compiler
 from jnn import data as data_lib
 from jnn import losses as losses_lib
@@ -32,6 +33,8 @@ from jnn.checkpoint import Checkpointer, CheckpointError, check_space
 from jnn.config import Config, to_dict
 from jnn.optim import make_optimizer
 from jnn.train.loop import EarlyStopping, evaluate, fit
+from jnn.train import preemption as preemption_lib
+from jnn.train.preemption import Preempted
 from jnn.train.state import TrainState, create_train_state
 from jnn.train.step import check_batch, make_eval_step
 from jnn.writers import make_run_writers, preload as preload_writers
@@ -261,19 +264,46 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
     Returns:
       A `RunResult` (its `test` is None when `stop_at` stopped the run).
 
+    A signal (SIGTERM, SIGUSR1, SIGINT) is caught from the start: training stops at the next step
+    boundary with a checkpoint of it (`jnn.Preempted`, exit code 75).
+
     Raises:
       RunDirError: `run_dir` already holds a run (without `resume`), or has nothing to resume.
+      ClaimedError: another running `jnn train` (or Checkpointer) writes `run_dir`; names it.
       CheckpointError: the checkpoint does not fit the config's model and optimizer.
       OSError: the disk cannot hold the run's checkpoints (ENOSPC), or a file error.
+      Preempted: a scheduler's signal stopped the run, with a checkpoint.
     """
+    with preemption_lib.watch_signals():  # a signal during start-up stops the run at its first step
+        return _claim_and_train(config, run_dir, resume, progress, stop_at, out)
+
+
+def _claim_and_train(config: Config, run_dir: str, resume: bool, progress, stop_at, out) -> RunResult:
     start = time.perf_counter()
     run_dir = os.path.abspath(run_dir)
+    claim_lib.probe(run_dir)  # a run still writing there: say so, before "already holds a run"
     check_run_dir(config, run_dir, resume)
     preload_writers()  # in a thread, overlapping the compilation below
     exp = build(config)  # any data or model error is raised here, before anything is written
     check_run(exp, stop_at)
     t = config.train  # the checkpoints the run keeps at once: keep, the best, and the one being written
     check_space(os.path.join(run_dir, CHECKPOINTS), exp.state, copies=t.keep + 1 + (t.best_metric is not None))
+    claim = claim_lib.Claim(run_dir, "run directory", "jnn train")
+    if _is_main():  # process 0 writes the directory, for the whole run
+        claim.acquire()
+    try:
+        return _train(exp, config, run_dir, resume, progress, stop_at, out, start)
+    except Preempted as stop:
+        _say(out, f"preempted by {stop.signal_name} at step {stop.step} of {config.train.steps}, with a checkpoint; "
+                  f"continue with `jnn train --resume {run_dir}`")
+        raise
+    finally:
+        claim.release()
+
+
+def _train(exp: Experiment, config: Config, run_dir: str, resume: bool, progress, stop_at, out,
+           start: float) -> RunResult:
+    t = config.train
     os.makedirs(run_dir, exist_ok=True)
     if not resume and _is_main():
         write_json(run_dir, CONFIG_FILE, to_dict(config))
@@ -379,7 +409,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
     exp = build(config)
     t = config.train
     with Checkpointer(os.path.join(run_dir, CHECKPOINTS), keep=t.keep, best_metric=t.best_metric,
-                      best_mode=t.best_mode) as checkpointer:
+                      best_mode=t.best_mode, read_only=True) as checkpointer:  # the run may still be training
         if step is None:
             step = checkpointer.best_step()
             step = checkpointer.latest_step() if step is None else step

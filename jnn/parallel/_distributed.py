@@ -26,22 +26,11 @@ from typing import Iterator, Mapping, Sequence
 
 import jax
 
+from jnn.parallel import _clusters as clusters
+from jnn.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+
 DEFAULT_TIMEOUT_S = 120
 PEER_EXIT_CODE = 3  # a multi-process run stopped because a process failed or never connected
-
-_ENV = {  # ours first, then JAX's / common launcher names
-    "coordinator_address": ("JNN_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
-    "num_processes": ("JNN_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
-    "process_id": ("JNN_PROCESS_ID", "JAX_PROCESS_ID"),
-}
-
-
-def _from_env(name: str) -> str | None:
-    for key in _ENV[name]:
-        if os.environ.get(key):
-            return os.environ[key]
-    return None
-
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, timeout_s: int = DEFAULT_TIMEOUT_S,
@@ -50,11 +39,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """Joins this process to a multi-process JAX run (`jax.distributed.initialize`).
 
     Call it first thing, before any other JAX call. Arguments not given are read from the
-    environment: `JNN_COORDINATOR` ("host:port" of process 0), `JNN_NUM_PROCESSES`,
-    `JNN_PROCESS_ID`, or JAX's `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` /
-    `JAX_PROCESS_ID`. With none of them set it does nothing (a single-process run) unless
-    `auto_detect`, which lets JAX read a cluster's own variables (SLURM, Open MPI, TPU pods, k8s).
-    On CPU the cross-process collectives use gloo.
+    environment (`jnn.parallel._clusters`): `JNN_COORDINATOR` ("host:port" of process 0),
+    `JNN_NUM_PROCESSES`, `JNN_PROCESS_ID` (or JAX's `JAX_*` names; a Kubernetes Indexed Job's
+    `JOB_COMPLETION_INDEX` stands for the id); else a SLURM job step (`srun`) or an Open MPI launch
+    (`mpirun`) is recognised from its own variables, and each process takes its node-local
+    accelerator when several tasks share a node. `JNN_CLUSTER=off` ignores the schedulers'
+    variables. A cluster job that is one process here (an sbatch script without `srun`, a single
+    task) says so on stderr and runs alone. With nothing found, it does nothing unless
+    `auto_detect`, which lets JAX detect other environments (TPU pods). On CPU the cross-process
+    collectives use gloo.
 
     Example:
       >>> jnn.parallel.initialize("10.0.0.1:1234", num_processes=2, process_id=0, timeout_s=60)
@@ -68,7 +61,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       heartbeat_timeout_s: after how long without a heartbeat a peer is declared dead (default
         `timeout_s`).
       local_device_ids: restrict this process to these local accelerators.
-      auto_detect: with nothing given, let JAX detect the cluster environment.
+      auto_detect: with nothing found, let JAX detect the cluster environment.
 
     Returns:
       True if this process is now part of a multi-process run, False for a single process.
@@ -82,20 +75,32 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """
     if jax.distributed.is_initialized():
         return True
-    address = coordinator_address or _from_env("coordinator_address")
-    count = num_processes if num_processes is not None else _int(_from_env("num_processes"), "num_processes")
-    index = process_id if process_id is not None else _int(_from_env("process_id"), "process_id")
-    given = {"coordinator_address": address, "num_processes": count, "process_id": index}
-    if all(v is None for v in given.values()) and not auto_detect:
-        return False
-    if not auto_detect and any(v is None for v in given.values()):
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    if any(v is not None for v in given.values()):
         missing = [k for k, v in given.items() if v is None]
-        raise ValueError(
-            f"initialize: got {given}; missing {missing}. Fix: pass all three, or set "
-            f"JNN_COORDINATOR=host:port, JNN_NUM_PROCESSES and JNN_PROCESS_ID in each process.")
-    if count is not None and index is not None and not 0 <= index < count:
-        raise ValueError(f"initialize: process_id={index} must lie in [0, num_processes={count}). "
-                         f"Fix: number the processes 0..{count - 1}.")
+        if missing:
+            raise ValueError(
+                f"initialize: got {given}; missing {missing}. Fix: pass all three, or set "
+                f"JNN_COORDINATOR=host:port, JNN_NUM_PROCESSES and JNN_PROCESS_ID in each process.")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"initialize: process_id={process_id} must lie in [0, num_processes={num_processes}). "
+                             f"Fix: number the processes 0..{num_processes - 1}.")
+        address, count, index = coordinator_address, num_processes, process_id
+    else:
+        launch = clusters.detect()
+        if isinstance(launch, clusters.NotJoined):
+            print(f"jnn: found {launch.reason}.", file=sys.stderr, flush=True)
+            return False
+        if launch is None:
+            if not auto_detect:
+                return False
+            address = count = index = None  # JAX's own detection fills them in
+        else:
+            address, count, index = launch.coordinator_address, launch.num_processes, launch.process_id
+            if local_device_ids is None and launch.local_device_ids is not None:
+                local_device_ids = list(launch.local_device_ids)
+            if launch.launcher != "explicit":
+                print(f"jnn: {launch.describe()}", file=sys.stderr, flush=True)
     if count == 1:
         return False
     # Gloo only matters for the CPU client; harmless (and needed for CPU collectives) elsewhere.
@@ -111,9 +116,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                   f"port, or allow more time (timeout_s / --timeout).")
 
     threading.Thread(target=watchdog, name="jnn-initialize-watchdog", daemon=True).start()
+    known = address is not None
     try:
         jax.distributed.initialize(
             address, count, index, local_device_ids=local_device_ids,
+            # what jnn found is complete: JAX must not detect again (it would pin one GPU per process
+            # even with one process per node)
+            cluster_detection_method="deactivate" if known else None,
             initialization_timeout=int(timeout_s) + 1,  # the watchdog speaks first
             heartbeat_timeout_seconds=int(heartbeat_timeout_s or timeout_s),
             shutdown_timeout_seconds=int(timeout_s))
@@ -150,22 +159,13 @@ def stop_all_on_failure(what: str = "jnn", *, hint: str = "") -> Iterator[None]:
     try:
         yield
     except BaseException as err:  # noqa: BLE001 - every exit path of a multi-process run
-        if not jax.distributed.is_initialized() or isinstance(err, SystemExit) and not err.code:
+        if not jax.distributed.is_initialized() or isinstance(err, SystemExit) and not err.code \
+                or isinstance(err, Preempted):  # every process stopped at the same step, with a checkpoint
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:500]
         _exit(f"{what}: error: process {jax.process_index()} of {jax.process_count()}: "
               f"{type(err).__name__}: {first}. In a multi-process run one process's failure stops "
               f"them all (this one now; the others at their next collective). {hint}".rstrip())
-
-
-def _int(value: str | None, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"initialize: environment variable for {name} is {value!r}; expected an "
-                         f"integer.") from None
 
 
 def free_port() -> int:
@@ -193,9 +193,12 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
       env: extra environment variables for the children.
       poll_s: how often to check the children.
 
+    SIGTERM, SIGUSR1 and SIGINT sent to this process are forwarded to every child (a scheduler
+    signals the launcher): each saves at the same step and exits with `PREEMPTED_EXIT_CODE`.
+
     Returns:
-      0 if every child exited 0, else the first non-zero exit code (negative: killed by signal),
-      or 124 on timeout.
+      0 if every child exited 0; `PREEMPTED_EXIT_CODE` if they stopped on a signal; else the first
+      other non-zero exit code (negative: killed by signal), or 124 on timeout.
     """
     base = dict(os.environ, **(env or {}))
     base["JNN_COORDINATOR"] = f"127.0.0.1:{free_port()}"
@@ -203,7 +206,16 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
     if devices_per_process is not None:
         base["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
         base["JAX_PLATFORMS"] = "cpu"
-    children = []
+    children: list[subprocess.Popen] = []
+
+    def forward(signum, frame):  # a scheduler signals the launcher: every child saves and stops
+        for child in children:
+            if child.poll() is None:
+                os.kill(child.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         for i in range(num_processes):
             children.append(subprocess.Popen(list(argv), env=dict(base, JNN_PROCESS_ID=str(i)),
@@ -211,7 +223,7 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             codes = [c.poll() for c in children]
-            failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+            failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0, PREEMPTED_EXIT_CODE)]
             if failed:
                 i, code = failed[0]
                 how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
@@ -219,13 +231,15 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
                 print(f"launch_local: process {i} of {num_processes} {how}; stopping the other "
                       f"{running} running process(es).", file=sys.stderr, flush=True)
                 return code
-            if all(code == 0 for code in codes):
-                return 0
+            if all(code is not None for code in codes):  # 0, or preempted together (all saved one step)
+                return max(codes)
             if deadline is not None and time.monotonic() > deadline:
                 print(f"launch_local: timed out after {timeout_s} s", file=sys.stderr)
                 return 124
             time.sleep(poll_s)
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         for child in children:  # only our own children, by pid (each leads its own session)
             if child.poll() is None:
                 try:

@@ -5,6 +5,7 @@ together, and evaluation accumulates on device and is read once per evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from jnn import compiler
+from jnn.train import preemption as preemption_lib
 from jnn.train.early_stopping import EarlyStopping
 from jnn.train.evaluation import evaluate, pad_batch  # noqa: F401 - jnn.train.loop.pad_batch
 from jnn.train.state import TrainState
@@ -21,6 +23,7 @@ from jnn.train.step import check_batch, make_eval_step, make_train_step
 
 Batch = Mapping[str, Any]
 _EARLY_STOPPING = "early_stopping"  # the key of the early-stopping counters in a checkpoint's data state
+PREEMPTION_SYNC_EVERY = 10  # multi-process runs agree on a stop signal every this many steps
 
 
 @dataclasses.dataclass
@@ -136,6 +139,7 @@ def fit(
     max_nonfinite: int = 10,
     max_traces: int | None = None,
     plateau: Any = None,
+    preemption: bool = True,
 ) -> FitResult:
     """Trains `state` until `num_steps` (counting from step 0), evaluating and checkpointing.
 
@@ -182,6 +186,11 @@ def fit(
       plateau: a `jnn.optim.Plateau` whose `transform()` is in the optimizer chain: after each
         evaluation it lowers the learning rate when its metric has stopped improving (required
         when the chain has one, so the rate never silently stays put).
+      preemption: on SIGTERM or SIGUSR1 (a scheduler's warning) finish the current step, save a
+        checkpoint of it and raise `jnn.Preempted` (exit code 75 if uncaught); on SIGINT the same,
+        then KeyboardInterrupt (see `jnn.train.preemption`; main thread only). In a multi-process
+        run all processes stop at the same step (they agree every 10 steps). False: signals act
+        as usual.
 
     Returns:
       A `FitResult` with the final state, the history of logged records, the best evaluation and
@@ -209,8 +218,14 @@ def fit(
     end = num_steps if stop_at is None else min(stop_at, num_steps)
     stopped_early = early_stopping is not None and early_stopping.should_stop  # it had stopped already
     bar = _progress(progress, num_steps, step)
+    watching = preemption_lib.watch_signals() if preemption else contextlib.nullcontext()
+    signalled = None
     try:
+        watching.__enter__()
         while step < end and not stopped_early:
+            signalled = preemption_lib.agreed(step, PREEMPTION_SYNC_EVERY) if preemption else None
+            if signalled:
+                break
             position, batch = data.next(state, step, num_steps)
             state, metrics = train_step(state, batch)
             step += 1
@@ -223,7 +238,13 @@ def fit(
                     state = state.replace(opt_state=plateau.update(state.opt_state, values))
                 stopped_early = early_stopping is not None and early_stopping.should_stop
                 save(values)
-        if step < num_steps and not stopped_early:  # stopped at `stop_at`: resumable, not evaluated
+        if signalled:
+            started = time.perf_counter()
+            save(None)
+            print(f"fit: {signalled}: stopped at step {step}"
+                  + (f"; checkpoint saved in {time.perf_counter() - started:.2f} s" if checkpointer else
+                     "; no checkpointer, nothing saved"), file=sys.stderr, flush=True)
+        elif step < num_steps and not stopped_early:  # stopped at `stop_at`: resumable, not evaluated
             save(None)
     except KeyboardInterrupt:  # keep what was trained: checkpoint, then re-raise
         try:  # `state` and the data position always describe the last completed step
@@ -237,9 +258,15 @@ def fit(
             checkpointer.wait()
         if writer is not None and hasattr(writer, "flush"):
             writer.flush()
+        watching.__exit__(None, None, None)
     best = early_stopping.best_record if early_stopping is not None else log.last_eval
-    return FitResult(state=state, history=log.history, best=best, stopped_early=stopped_early,
-                     data_state=data.loop_state(early_stopping))
+    result = FitResult(state=state, history=log.history, best=best, stopped_early=stopped_early,
+                       data_state=data.loop_state(early_stopping))
+    if signalled == "SIGINT":
+        raise KeyboardInterrupt(f"stopped at step {step}" + (" with a checkpoint" if checkpointer else ""))
+    if signalled:
+        raise preemption_lib.Preempted(signalled, step, checkpointer is not None, result)
+    return result
 
 
 def _check_fit_arguments(num_steps, log_every, eval_every, max_traces, loss_fn, train_step, eval_step,
