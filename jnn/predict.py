@@ -61,9 +61,15 @@ class LoadedModel:
         """The model's outputs (e.g. logits) on a batch: a pure JAX function (`jax.jit(model)`, export)."""
         return _forward(self.state, self.normalize, inputs)
 
-    def example_inputs(self, n: int = 2) -> np.ndarray:
-        """n valid inputs of the right shape and dtype (zeros for images, token 0, zero noise)."""
-        return np.zeros((n, *self.input_shape), self.input_dtype)
+    def example_inputs(self, n: int = 2, seed: int = 0) -> np.ndarray:
+        """n valid random inputs: values uniform over the training range, token ids over the vocabulary."""
+        rng, shape = np.random.default_rng(seed), (n, *self.input_shape)
+        if self.input_kind == "tokens":
+            vocab = getattr(self.state.model.module, "vocab_size", 2)
+            return rng.integers(0, vocab, shape).astype(self.input_dtype)
+        if self.input_kind == "noise":
+            return rng.standard_normal(shape).astype(self.input_dtype)
+        return rng.uniform(*self.input_range, shape).astype(self.input_dtype)
 
     def check(self, inputs: Any, where: str = "predict") -> np.ndarray:
         """`inputs` as an array the model takes, or a ValueError saying what was expected and the fix."""

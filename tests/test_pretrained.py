@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 import jnn
 from tests._interop import import_reference, import_torchvision
 from tests.tolerances import PARITY_RTOL
 
-torch = pytest.importorskip("torch")
 
 
 def _randomise(module, seed=0):
@@ -194,7 +194,6 @@ def test_errors_name_the_formats_and_what_differs(resnet18, gpt2):
 
 
 def test_a_hub_name_without_network_says_how_to_download(monkeypatch, tmp_path):
-    pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ValueError, match=r"could not download 'openai-community/gpt2'.*huggingface-cli download"):
