@@ -138,9 +138,10 @@ class LoadedModel:
 def _forward(state: TrainState, normalize: Any, x: Any) -> jax.Array:
     """The run's input standardisation (as its data pipeline's `Normalize`), then the model in eval mode."""
     if normalize is not None:
-        mean, std = normalize
-        scale = np.asarray(1.0 / np.asarray(std), np.float32)  # as Normalize rounds it
-        x = (x - jnp.asarray(mean, jnp.float32)) * scale  # (B, ..., C) with (C,)
+        channels = (1,) * (x.ndim - 1) + (-1,)  # (1, ..., 1, C): no implicit rank promotion
+        mean = np.asarray(normalize[0], np.float32).reshape(channels)
+        scale = np.asarray(1.0 / np.asarray(normalize[1]), np.float32).reshape(channels)  # as Normalize rounds it
+        x = (x - mean) * scale  # (B, ..., C)
     return state.model.apply(state.params, state.model_state, x, train=False)[0]
 
 
