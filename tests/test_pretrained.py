@@ -224,14 +224,20 @@ def test_huggingface_vit_sets_its_layernorm_epsilon(tmp_path):
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                     image_size=32, patch_size=8, num_labels=5)
     model = _randomise(transformers.ViTForImageClassification(config), seed=3)
+    with torch.no_grad():  # tokens of small variance (~1e-8): LayerNorm's epsilon (1e-12 here, timm 1e-6) decides
+        for p in model.vit.embeddings.parameters():
+            p.mul_(1e-3)
     model.save_pretrained(tmp_path)
-    # Inputs of small variance: LayerNorm's epsilon (HF 1e-12 vs timm's 1e-6) then decides the logits.
-    x = 1e-3 * _images(seed=3)
+    x = _images(seed=3)
     with torch.no_grad():
         reference = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).logits.numpy()
     state, report = jnn.models.from_pretrained("vit", tmp_path)
     diff = _relative(_logits(state, x), reference)
-    _report_figure("transformers ViTForImageClassification", "2 layers, 2 heads, width 32, 8x8 patches of 32x32, inputs x 1e-3", diff)
+    _report_figure("transformers ViTForImageClassification", "2 layers, 2 heads, width 32, 8x8 patches of 32x32, embeddings x 1e-3", diff)
     assert diff <= PARITY_RTOL
     assert report.model["ln_epsilon"] == 1e-12 and json.loads((tmp_path / "config.json").read_text())["layer_norm_eps"] == 1e-12
     assert report.unused == ()  # ViTForImageClassification saves no pooler
+    timm_eps, _ = jnn.models.from_pretrained("vit", tmp_path, ln_epsilon=1e-6, strict=False)  # timm's epsilon
+    wrong = _relative(_logits(timm_eps, x), reference)
+    print(f"PARITY | the same, loaded with timm's LayerNorm epsilon 1e-6 | (ln_epsilon=1e-6) | {wrong:.1e}")
+    assert wrong > 100 * PARITY_RTOL  # the option is what makes them equal
