@@ -4,9 +4,11 @@ flax models (linen or nnx), optax optimizers and one pure train step `(state, ba
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
 from jnn import (adversarial, config, data, layers, lora, losses, metrics, models, optim, parallel, precision,
-                 presets, pruning, quantize, testing, transfer, vmap, writers)
+                 predict, presets, pruning, quantize, testing, transfer, vmap, writers)
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.compiler import compiler_options, jit
+from jnn._export import Exported, ExportError, export
+from jnn.predict import LoadedModel, load
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, NonFiniteError, evaluate, fit, pad_batch
@@ -23,8 +25,11 @@ __all__ = [
     "Config",
     "DataConfig",
     "EarlyStopping",
+    "ExportError",
+    "Exported",
     "FitResult",
     "InputSpec",
+    "LoadedModel",
     "ModelSpec",
     "NonFiniteError",
     "Step",
@@ -42,9 +47,11 @@ __all__ = [
     "data",
     "ensemble_train_step",
     "evaluate",
+    "export",
     "fit",
     "jit",
     "layers",
+    "load",
     "lora",
     "losses",
     "make_dp_train_step",
@@ -59,6 +66,7 @@ __all__ = [
     "parallel",
     "per_example_grads",
     "precision",
+    "predict",
     "presets",
     "pruning",
     "quantize",

@@ -1,10 +1,13 @@
-"""The `jnn` command: `jnn train`, `jnn eval RUN_DIR`, `jnn info`, `jnn presets`, `jnn models`, `jnn bench`.
+"""The `jnn` command: `jnn train`, `jnn eval RUN_DIR`, `jnn export RUN_DIR`, `jnn predict RUN_DIR INPUTS`,
+`jnn info`, `jnn presets`, `jnn models`, `jnn bench`.
 
   jnn train                                   # digits CNN on scikit-learn's bundled digits
   jnn train --preset mlp_mnist --data-dir ~/data/mnist --set optim.learning_rate=3e-4
   jnn train --preset resnet20_cifar10 --debug # the tiny variant, seconds on a CPU
   jnn train --resume runs/digits-20261122-101500
   jnn eval runs/digits-20261122-101500
+  jnn export runs/digits-20261122-101500 --format onnx       # runs/.../model.onnx
+  jnn predict runs/digits-20261122-101500 images/ --output predictions.npz
   jnn bench --quick                           # the benchmark harness of a source checkout
 """
 from __future__ import annotations
@@ -98,6 +101,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
     ev.add_argument("--data-dir", default=None, help="where the data is now, if it moved")
+
+    ex = sub.add_parser("export", help="write a run's model as StableHLO or ONNX (checked against JAX first)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx"))
+    ex.add_argument("--output", default=None, help="the file to write (default: RUN_DIR/model.<format>)")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+    ex.add_argument("--data-dir", default=None, help="where the run's data is now, if it moved")
+
+    pr = sub.add_parser("predict", help="predictions and class probabilities of a run's model on a file or folder")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", help="a .npy / .npz file (its 'inputs' array) or a folder of images")
+    pr.add_argument("--output", default="predictions.npz", help="the .npz file to write (default: predictions.npz)")
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+    pr.add_argument("--data-dir", default=None, help="where the run's data is now, if it moved")
+    pr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar (default: when stderr is a terminal)")
 
     sub.add_parser("info", help="JAX backend, devices and versions")
     sub.add_parser("presets", help="list the training presets")
@@ -214,6 +234,22 @@ def _bench(argv: list[str]) -> int:
     return 2
 
 
+def _export_or_predict(args) -> int:
+    """`jnn export` and `jnn predict`: the run's best (else newest) checkpoint, in evaluation mode."""
+    import jnn
+    from jnn.predict import predict_to_file
+
+    model = jnn.load(args.run_dir, step=args.step, data_dir=args.data_dir)
+    if args.command == "export":
+        output = args.output or os.path.join(model.run_dir, f"model.{args.format}")
+        print(jnn.export(model, model.example_inputs(2), args.format, output))
+        return 0
+    result = predict_to_file(model, args.inputs, args.output, batch_size=args.batch_size, progress=args.progress)
+    print(f"wrote predictions and probabilities of {len(result['predictions'])} example(s) to {args.output} "
+          f"(checkpoint step {int(model.state.step)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jnn` console command. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -221,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("train", "eval"):
+        if args.command in ("train", "eval", "export", "predict"):
             enable_compilation_cache()
         if args.command == "train":
             if args.processes != 1 and "JNN_PROCESS_ID" not in os.environ:
@@ -232,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
             experiment.evaluate_run(args.run_dir, step=args.step, data_dir=args.data_dir)
             return 0
+        if args.command in ("export", "predict"):
+            return _export_or_predict(args)
         if args.command == "info":
             return _info()
         if args.command == "presets":

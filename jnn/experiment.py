@@ -395,9 +395,9 @@ def _report_text(exp: Experiment, test: dict) -> str:
             + report_lines(exp.config, test))
 
 
-def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None = None,
-                 out=None) -> dict[str, Any]:
-    """Evaluates a run directory's checkpoint (best, or `step`) on its test split.
+def restore(run_dir: str, *, step: int | None = None, data_dir: str | None = None) -> tuple[Experiment, TrainState]:
+    """A run directory's experiment, rebuilt from its config, and its checkpoint: the best one, else the
+    newest, or `step`.
 
     Raises:
       RunDirError / CheckpointError: not a run directory, or no usable checkpoint.
@@ -405,7 +405,7 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
     run_dir = os.path.abspath(run_dir)
     config = with_data_dir(read_config(run_dir), data_dir)
     if not has_checkpoints(run_dir):
-        raise RunDirError(f"{run_dir} has no checkpoints to evaluate; expected {CHECKPOINTS}/<step> folders.")
+        raise RunDirError(f"{run_dir} has no checkpoints; expected {CHECKPOINTS}/<step> folders written by `jnn train`.")
     exp = build(config)
     t = config.train
     with Checkpointer(os.path.join(run_dir, CHECKPOINTS), keep=t.keep, best_metric=t.best_metric,
@@ -414,6 +414,17 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
             step = checkpointer.best_step()
             step = checkpointer.latest_step() if step is None else step
         state, _ = checkpointer.restore(exp.state, step=step)
+    return exp, state
+
+
+def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None = None,
+                 out=None) -> dict[str, Any]:
+    """Evaluates a run directory's checkpoint (best, or `step`) on its test split.
+
+    Raises:
+      RunDirError / CheckpointError: not a run directory, or no usable checkpoint.
+    """
+    exp, state = restore(run_dir, step=step, data_dir=data_dir)
     test = evaluate(state, exp.eval_data("test"), exp.eval_step)
     _say(out, _report_text(exp, test))
     _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(state.step)})")
@@ -421,4 +432,4 @@ def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None 
 
 
 __all__ = ["Experiment", "RunDirError", "RunResult", "CheckpointError", "attack_of", "build", "check_resumable",
-           "check_run", "evaluate_run", "load_data", "read_config", "resize_images", "resume", "train"]
+           "check_run", "evaluate_run", "load_data", "read_config", "resize_images", "restore", "resume", "train"]

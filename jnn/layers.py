@@ -188,7 +188,10 @@ def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
       inputs take the native path.
     """
     if not use_fast(impl) or not jnp.issubdtype(inputs.dtype, jnp.floating):
-        return nn.max_pool(inputs, tuple(window_shape), tuple(strides) if strides else None, padding)
+        # Keywords, as flax documents them: jax2onnx's ONNX export patches flax's pooling with
+        # keyword-only functions (`jnn.export`).
+        return nn.max_pool(inputs, window_shape=tuple(window_shape), strides=tuple(strides) if strides else None,
+                           padding=padding)
     window, strides, pads, out = _pool_geometry(inputs, window_shape, strides, padding)
     x = _pad_spatial(inputs, pads, -jnp.inf) if any(lo or hi for lo, hi in pads) else inputs
     return _max_of_slices(x, window, strides, out)
@@ -212,8 +215,8 @@ def avg_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
       (*batch, *out_spatial, C): flax's average, up to the rounding of its float sums.
     """
     if not use_fast(impl) or not jnp.issubdtype(inputs.dtype, jnp.floating):
-        return nn.avg_pool(inputs, tuple(window_shape), tuple(strides) if strides else None, padding,
-                           count_include_pad)
+        return nn.avg_pool(inputs, window_shape=tuple(window_shape), strides=tuple(strides) if strides else None,
+                           padding=padding, count_include_pad=count_include_pad)
     window, strides, pads, out = _pool_geometry(inputs, window_shape, strides, padding)
     x = _pad_spatial(inputs, pads, 0) if any(lo or hi for lo, hi in pads) else inputs
     y = functools.reduce(jnp.add, _window_slices(x, window, strides, out))

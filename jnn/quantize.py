@@ -105,6 +105,9 @@ class Quantized:
 def ptq(state: TrainState, *, model: Any = None, weight: str = "int8", activation: str | None = "int8") -> Quantized:
     """Post-training quantization of a trained linen state (also of one trained with `qat`).
 
+    A LoRA state (`jnn.lora.apply`) is quantized as the model it runs: its adapters are merged into
+    the base weights first (`jnn.lora.merge`), then the merged weights are quantized.
+
     Args:
       state: the trained state.
       model: the float model (default: the state's own, unwrapped if it came from `qat`).
@@ -112,7 +115,7 @@ def ptq(state: TrainState, *, model: Any = None, weight: str = "int8", activatio
         not supported by qwix for convolutions).
 
     Raises:
-      ValueError: an nnx state, an unknown dtype.
+      ValueError: an nnx state, an unknown dtype, parameters reparametrised by anything but LoRA.
     """
     module = getattr(state.model, "module", None)
     if module is None:
@@ -127,8 +130,23 @@ def ptq(state: TrainState, *, model: Any = None, weight: str = "int8", activatio
                                  [jnp.zeros((1,) + tuple(shape), dtype) for _, shape, dtype in state.spec.inputs])
     args = example if isinstance(example, tuple) else (example,)
     abstract = jax.eval_shape(lambda key, *a: quantized.init(key, *a, **eval_kwargs), jax.random.key(0), *args)
-    params = qwix.quantize_params(state.params, abstract["params"])
-    return Quantized(quantized, params, state.model_state, eval_kwargs, nbytes(state.params))
+    params = qwix.quantize_params(_model_params(state), abstract["params"])
+    return Quantized(quantized, params, state.model_state, eval_kwargs, nbytes(_model_params(state)))
+
+
+def _model_params(state: TrainState) -> PyTree:
+    """The parameters the model runs on: a LoRA state's merged weights (qwix quantizes the model's own
+    parameter tree; the {"base", "lora"} tree of a LoRA state is not the model's)."""
+    reparam = getattr(state.model, "reparam", None)
+    if reparam is None:
+        return state.params
+    from jnn import lora
+
+    if not isinstance(reparam, lora.LoRA):
+        raise ValueError(f"quantize.ptq: the state's parameters are reparametrised by {type(reparam).__name__}, not "
+                         f"LoRA; expected the model's own parameters. Fix: build a state from the parameters the "
+                         f"model runs on (state.variables['params']) and quantize that.")
+    return lora.merge(state)
 
 
 __all__ = ["QTYPES", "Quantized", "nbytes", "ptq", "qat", "rules"]

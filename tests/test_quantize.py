@@ -59,3 +59,25 @@ def test_quantize_refuses_what_it_cannot_do():
         quantize.rules(weight="int3")
     with pytest.raises(ValueError, match=r"quantize='int4'; expected quantize 'int8' or None"):
         jnn.TrainConfig(quantize="int4")
+
+
+def test_ptq_of_a_lora_state_quantizes_the_merged_weights():
+    """ptq on a LoRA state merges the adapters first: the same int8 model as merge-then-ptq."""
+    import dataclasses
+
+    state = jnn.create_train_state(jnn.models.get("digits_cnn", num_classes=10), optax.adam(1e-3), X[:1], 0)
+    adapted = jnn.lora.apply(state, jnn.lora.LoRA(rank=2), optax.adam(1e-3))
+    rng = np.random.default_rng(0)  # adapters that change the model (B starts at zero)
+    lora_params = jax.tree.map(lambda a: np.asarray(rng.normal(0, 0.1, a.shape), a.dtype), adapted.params["lora"])
+    adapted = adapted.replace(params={**adapted.params, "lora": lora_params})
+    merged = jnn.lora.merge(adapted)
+    plain = adapted.replace(params=merged, model=dataclasses.replace(adapted.model, reparam=None))
+
+    q_lora, q_merged = quantize.ptq(adapted), quantize.ptq(plain)
+    assert jax.tree.structure(q_lora.params) == jax.tree.structure(q_merged.params)
+    for a, b in zip(jax.tree.leaves(q_lora.params), jax.tree.leaves(q_merged.params)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(q_lora(X[:32]), q_merged(X[:32]))
+    base = quantize.ptq(state)  # the adapters are in: not the base model's int8 weights
+    assert not np.array_equal(np.asarray(base(X[:32])), np.asarray(q_lora(X[:32])))
+    assert q_lora.float_nbytes == sum(x.size * 4 for x in jax.tree.leaves(merged))

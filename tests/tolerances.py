@@ -41,3 +41,9 @@ F32_ATOL = 1e-5
 
 # A training test passes when the final loss is at most this fraction of the initial loss.
 TRAIN_LOSS_RATIO = 0.5
+
+# ---- Weights from other libraries and exported models (tests/test_pretrained.py, tests/test_export.py) ----
+
+# A zoo model with another library's weights vs that library's own float32 forward pass (PyTorch), and
+# an exported model in its runtime vs JAX: max |difference| / max |reference logit|. The bar.
+PARITY_RTOL = 1e-5

@@ -11,12 +11,16 @@ Every model takes ``dtype`` (compute) and ``param_dtype``, is called as ``model.
 x, train=...)``, draws dropout from the rng stream ``"dropout"`` (the VAE also uses
 ``"latent"``), keeps BatchNorm statistics in the ``batch_stats`` collection, and returns logits
 in at least float32.
+
+Weights from Hugging Face GPT-2, torchvision ResNets and timm / Hugging Face ViTs load into the
+zoo with ``from_pretrained(name, path)``.
 """
 from jnn.models._attention import SelfAttention, apply_rotary
 from jnn.models._cnn import CNN, DigitsCNN, LeNet5
 from jnn.models._dcgan import Discriminator, Generator
 from jnn.models._generative import LATENT_RNG, VAE, elbo_loss
 from jnn.models._mlp import MLP
+from jnn.models._pretrained import PretrainedReport, from_pretrained
 from jnn.models._recurrent import RNNClassifier, RNNLanguageModel
 from jnn.models._registry import ModelSpec, example_input, get, input_spec, names, spec
 from jnn.models._resnet import BasicBlock, Bottleneck, ResNet
@@ -38,6 +42,7 @@ __all__ = [
     "LeNet5",
     "MlpBlock",
     "ModelSpec",
+    "PretrainedReport",
     "RNNClassifier",
     "RNNLanguageModel",
     "ResNet",
@@ -48,6 +53,7 @@ __all__ = [
     "apply_rotary",
     "elbo_loss",
     "example_input",
+    "from_pretrained",
     "get",
     "input_spec",
     "names",

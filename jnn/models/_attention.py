@@ -112,6 +112,8 @@ class SelfAttention(nn.Module):
       causal: mask attention to positions <= the query's (decoder).
       rotary: rotate queries and keys by their position (no learned position table needed).
       use_bias: biases on the projections.
+      qkv_bias: biases on the query/key/value projection (None: ``use_bias``; Hugging Face's
+        and timm's ViTs can leave them out while keeping the output projection's).
       kernel_init: initialiser of the QKV projection.
       out_kernel_init: initialiser of the output projection (GPT-2 scales it by depth).
       implementation: ``None`` (cuDNN on a GPU where it compiles, else XLA; see
@@ -125,6 +127,7 @@ class SelfAttention(nn.Module):
     causal: bool = False
     rotary: bool = False
     use_bias: bool = True
+    qkv_bias: bool | None = None
     kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
     out_kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
     implementation: str | None = None
@@ -142,7 +145,8 @@ class SelfAttention(nn.Module):
         head_dim = c // self.num_heads
         if self.rotary and head_dim % 2:
             raise ValueError(f"rotary positions need an even head size, received {head_dim}.")
-        qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=self.use_bias,
+        qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
+        qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=qkv_bias,
                               kernel_init=self.kernel_init, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="qkv")(x)  # (B, T, 3, N, H)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each

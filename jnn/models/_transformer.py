@@ -52,6 +52,7 @@ class TransformerBlock(nn.Module):
       rotary: rotary positions in attention.
       dropout_rate: dropout on both residual branches (training only, rng ``"dropout"``).
       use_bias: biases in projections and LayerNorms.
+      qkv_bias: biases on the query/key/value projection (None: ``use_bias``).
       gelu_approximate: tanh GELU (GPT-2) or exact GELU (ViT, BERT).
       ln_epsilon: LayerNorm epsilon.
       kernel_init: initialiser of the input projections.
@@ -68,6 +69,7 @@ class TransformerBlock(nn.Module):
     rotary: bool = False
     dropout_rate: float = 0.0
     use_bias: bool = True
+    qkv_bias: bool | None = None
     gelu_approximate: bool = True
     ln_epsilon: float = 1e-5
     kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
@@ -82,7 +84,7 @@ class TransformerBlock(nn.Module):
                   param_dtype=self.param_dtype)
         y = nn.LayerNorm(name="ln1", **ln)(x)
         y = SelfAttention(self.num_heads, causal=self.causal, rotary=self.rotary,
-                          use_bias=self.use_bias, kernel_init=self.kernel_init,
+                          use_bias=self.use_bias, qkv_bias=self.qkv_bias, kernel_init=self.kernel_init,
                           out_kernel_init=self.out_kernel_init,
                           implementation=self.attention_impl, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="attn")(y)

@@ -1,8 +1,8 @@
 """Vision Transformer (Dosovitskiy et al. 2021), sizes and initialisation as timm / big_vision.
 
 Patch embedding (a strided convolution), a learned class token, learned position embeddings,
-pre-LN encoder blocks with exact-GELU MLPs, final LayerNorm (epsilon 1e-6) and a linear head on
-the class token.
+pre-LN encoder blocks with exact-GELU MLPs, final LayerNorm (epsilon 1e-6, as timm and big_vision;
+Hugging Face's ViT uses 1e-12: ``ln_epsilon``) and a linear head on the class token.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ class ViT(nn.Module):
       num_heads: attention heads.
       mlp_dim: MLP hidden width.
       dropout_rate: embedding and residual dropout (training only, rng ``"dropout"``).
+      ln_epsilon: epsilon of every LayerNorm (1e-6: timm, big_vision; 1e-12: Hugging Face).
+      qkv_bias: biases on the query/key/value projections (timm's and Hugging Face's ``qkv_bias``).
       attention_impl: ``None``, ``"xla"``, ``"cudnn"`` (``jax.nn.dot_product_attention``) or
         ``"reference"`` (explicit softmax).
       dtype: compute dtype.
@@ -46,6 +48,8 @@ class ViT(nn.Module):
     num_heads: int = 12
     mlp_dim: int = 3072
     dropout_rate: float = 0.0
+    ln_epsilon: float = 1e-6
+    qkv_bias: bool = True
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -73,11 +77,12 @@ class ViT(nn.Module):
         trunc = nn.initializers.truncated_normal(0.02)
         for i in range(self.num_layers):
             x = TransformerBlock(self.num_heads, self.mlp_dim, dropout_rate=self.dropout_rate,
-                                 gelu_approximate=False, ln_epsilon=1e-6, kernel_init=trunc,
+                                 gelu_approximate=False, ln_epsilon=self.ln_epsilon,
+                                 qkv_bias=self.qkv_bias, kernel_init=trunc,
                                  out_kernel_init=trunc, attention_impl=self.attention_impl,
                                  dtype=self.dtype, param_dtype=self.param_dtype,
                                  name=f"block_{i}")(x, train)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+        x = nn.LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="ln_f")(x)
         x = nn.Dense(self.num_classes, kernel_init=trunc, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="head")(x[:, 0])  # (B, K)
