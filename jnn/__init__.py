@@ -12,6 +12,7 @@ from jnn.predict import LoadedModel, load
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, NonFiniteError, evaluate, fit, pad_batch
+from jnn.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 from jnn.train.state import (InputSpec, ModelSpec, TrainState, abstract_train_state, create_train_state,
                               to_nnx)
 from jnn.train.step import Step, check_batch, make_eval_step, make_train_step
@@ -32,6 +33,8 @@ __all__ = [
     "LoadedModel",
     "ModelSpec",
     "NonFiniteError",
+    "PREEMPTED_EXIT_CODE",
+    "Preempted",
     "Step",
     "ModelConfig",
     "OptimConfig",

@@ -140,8 +140,9 @@ def _launch(args, argv: list[str]) -> int:
 
 def _train(args) -> int:
     from jnn import _claim, parallel
-    from jnn.train.preemption import Preempted
+    from jnn.train.preemption import Preempted, watch_signals_until_exit
 
+    watch_signals_until_exit()  # from here on a scheduler's signal stops training at a step, with a checkpoint
     if args.no_cluster:
         os.environ["JNN_CLUSTER"] = "off"
     if args.resume or args.run_dir:  # a run still writing there: refuse in every process, before connecting

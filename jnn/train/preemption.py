@@ -95,6 +95,12 @@ def watch_signals() -> Iterator[None]:
             _WATCH.previous.clear()
 
 
+def watch_signals_until_exit() -> None:
+    """`watch_signals` for the rest of the process (the `jnn` command): a signal that arrives after
+    training, while the program writes its last files or shuts down, is recorded, not fatal."""
+    watch_signals().__enter__()
+
+
 def requested() -> str | None:
     """The name of the signal received in this process since `watch_signals` started, or None."""
     return None if _WATCH.signum is None else signal.Signals(_WATCH.signum).name
@@ -118,4 +124,4 @@ def agreed(step: int, sync_every: int) -> str | None:
     return signal.Signals(int(flags.max())).name if flags.max() else None
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "agreed", "requested", "watch_signals"]
+__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "agreed", "requested", "watch_signals", "watch_signals_until_exit"]

@@ -1,0 +1,203 @@
+"""A scheduler's signal loses nothing: fit finishes the step, saves it, raises Preempted (exit 75);
+resuming ends bit for bit where an uninterrupted run ends. One writer per run directory."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jnn
+from jnn import _claim
+from jnn.train.preemption import PREEMPTED_EXIT_CODE
+from tests._tiny import TinyBNDropout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 40
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return {"inputs": rng.normal(size=(64, 5)).astype(np.float32), "labels": rng.integers(0, 3, 64).astype(np.int32)}
+
+
+class SignalAt:
+    """A writer that sends `signum` to this process when step `at` is logged (`times` times)."""
+
+    def __init__(self, at, signum=signal.SIGTERM, times=1):
+        self.at, self.signum, self.times = at, signum, times
+
+    def write(self, step, metrics, split="train"):
+        if split == "train" and step == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+def _fit(directory, stop_signal=None, restore=False):
+    state = jnn.create_train_state(TinyBNDropout(), optax.adam(1e-2), _data()["inputs"][:1], 0)
+    with jnn.Checkpointer(directory, keep=2) as ckpt:
+        data_state = None
+        if restore:
+            state, data_state = ckpt.restore(state)
+        return jnn.fit(state, jnn.data.Pipeline(_data(), 16, seed=0), num_steps=STEPS, loss_fn="cross_entropy",
+                       checkpointer=ckpt, data_state=data_state, log_every=1, eval_every=15,
+                       eval_data=jnn.data.Pipeline(_data(), 32, train=False), writer=stop_signal)
+
+
+def _arrays(state):
+    return jax.device_get((state.params, state.opt_state, state.model_state))
+
+
+@pytest.mark.parametrize("signum, times", [(signal.SIGTERM, 1), (signal.SIGUSR1, 1), (signal.SIGTERM, 3)])
+def test_fit_stops_at_a_step_boundary_saves_and_resumes_bit_for_bit(tmp_path, signum, times):
+    whole = _fit(tmp_path / "whole")
+    with pytest.raises(jnn.Preempted) as stopped:
+        _fit(tmp_path / "run", SignalAt(17, signum, times))  # a second and third signal during the stop: ignored
+    assert stopped.value.code == PREEMPTED_EXIT_CODE == 75
+    assert (stopped.value.step, stopped.value.signal_name, stopped.value.saved) == (17, signal.Signals(signum).name, True)
+    assert int(stopped.value.result.state.step) == 17
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    resumed = _fit(tmp_path / "run", restore=True)
+    chex.assert_trees_all_equal(_arrays(resumed.state), _arrays(whole.state))
+
+
+def test_sigint_saves_then_raises_keyboard_interrupt(tmp_path):
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 9 with a checkpoint"):
+        _fit(tmp_path / "run", SignalAt(9, signal.SIGINT))
+    with jnn.Checkpointer(tmp_path / "run", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [9]
+
+
+# ---- one writer per directory ------------------------------------------------------------------
+
+
+def test_a_second_checkpointer_on_a_directory_is_refused_naming_the_holder(tmp_path):
+    with jnn.Checkpointer(tmp_path / "ckpt"):
+        with pytest.raises(_claim.ClaimedError, match=rf"being written by host \S+, pid {os.getpid()}, started "):
+            jnn.Checkpointer(tmp_path / "ckpt")
+        jnn.Checkpointer(tmp_path / "ckpt", read_only=True).close()  # readers are welcome
+    jnn.Checkpointer(tmp_path / "ckpt").close()  # released with close()
+
+
+def test_a_claim_dies_with_its_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"import jnn._claim as c, time; c.Claim({str(tmp_path)!r}).acquire(); "
+                               f"print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(_claim.ClaimedError, match=f"pid {holder.pid}"):
+        _claim.probe(str(tmp_path))
+    holder.kill()  # SIGKILL: no clean-up runs
+    holder.wait()
+    _claim.probe(str(tmp_path))
+    _claim.Claim(tmp_path).acquire().release()
+
+
+# ---- jnn train, with real signals and a second writer ---------------------------------------------
+
+TRAIN_STEPS = 1500
+
+
+def _env(cache):
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("JNN_", "SLURM_", "OMPI_"))},
+            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": ROOT,
+            "JNN_COMPILATION_CACHE": str(cache)}
+
+
+def jnn_train(run, cache, *extra, processes=1):
+    """`jnn train` of a debug digits run: `--resume` once `run` has a checkpoint."""
+    ckpt = run / "checkpoints"
+    if ckpt.is_dir() and any(d.isdigit() for d in os.listdir(ckpt)):
+        args = ["--resume", str(run)]
+    else:
+        args = ["--debug", "--run-dir", str(run), "--set", f"train.steps={TRAIN_STEPS}", "--set", "train.eval_every=250",
+                "--set", "train.log_every=25"]
+    if processes > 1:
+        args += ["--processes", str(processes)]
+    return subprocess.Popen([sys.executable, "-m", "jnn.cli", "train", "--no-progress", *args, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache))
+
+
+def _records(run):
+    path = run / "metrics.jsonl"
+    return [(r["split"], r["step"]) for r in jnn.writers.read_jsonl(path)] if path.exists() else []
+
+
+def _wait_for_training(proc):
+    """Reads `jnn train`'s output up to its "training ..." line (the signal handlers are in place)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(("training ", "resumed ")):
+            return "".join(lines)
+    return "".join(lines)
+
+
+def final_state(run, step=TRAIN_STEPS):
+    from jnn import experiment
+
+    _, state = experiment.restore(str(run), step=step)
+    return jax.tree.map(np.asarray, {"params": state.params, "opt_state": state.opt_state,
+                                     "model_state": state.model_state})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_jnn_train_preempted_at_random_moments_resumes_bit_for_bit(tmp_path, processes):
+    """SIGTERM at random moments of training (to the process, or to the launcher of 2 processes,
+    which forwards it): each stop saves its step and exits 75; the resumed run ends with the same
+    parameters, optimizer state and test metrics as an uninterrupted one, and writes no record twice."""
+    cache, run, rng = tmp_path / "xla", tmp_path / "preempted", np.random.default_rng(processes)
+    stops, last = [], 0
+    for target in sorted(rng.choice(np.arange(50, TRAIN_STEPS - 100, 25), 3 if processes == 1 else 2, replace=False)):
+        proc = jnn_train(run, cache, processes=processes)
+        head = _wait_for_training(proc)
+        while proc.poll() is None and max([s for split, s in _records(run) if split == "train"] + [0]) < target:
+            time.sleep(0.01)  # until it logs a step at or past a random target: the signal lands mid-training
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        out = head + out
+        assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+        assert "continue with `jnn train --resume" in out
+        saved_in = float(err.split("checkpoint saved in ")[1].split(" s")[0])
+        stops.append((int(err.split("stopped at step ")[1].split(";")[0]), saved_in,
+                      round(time.monotonic() - signalled, 2)))
+        assert stops[-1][0] > last
+        last = stops[-1][0]
+    proc = jnn_train(run, cache, processes=processes)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    straight = tmp_path / "straight"
+    proc = jnn_train(straight, cache, processes=processes)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    print(f"{processes} process(es): (stop step, checkpoint save s, signal to exit s): {stops}")
+    chex.assert_trees_all_equal(final_state(run), final_state(straight))
+    assert (run / "test_metrics.json").read_text() == (straight / "test_metrics.json").read_text()
+    records = _records(run)
+    assert len(records) == len(set(records)) and set(records) == set(_records(straight))
+
+
+@pytest.mark.slow
+def test_a_second_jnn_train_on_a_running_run_is_refused_at_once(tmp_path):
+    cache, run = tmp_path / "xla", tmp_path / "run"
+    first = jnn_train(run, cache, "--set", "train.steps=100000")
+    _wait_for_training(first)
+    for again in (["--resume", str(run)], ["--run-dir", str(run), "--debug"]):
+        started = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "jnn.cli", "train", *again], capture_output=True, text=True,
+                                env=_env(cache), timeout=60)
+        seconds = time.monotonic() - started
+        print(f"{' '.join(again[:1])}: refused in {seconds:.2f} s: {second.stderr.strip()}")
+        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "being written by host" in second.stderr
+    first.send_signal(signal.SIGKILL)  # the holder dies without clean-up: its claim goes with it
+    first.wait()
+    latest = max(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    resumed = jnn_train(run, cache, "--stop-at", str(latest + 20))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
