@@ -8,6 +8,7 @@ from jnn import (adversarial, config, data, layers, lora, losses, metrics, model
 from jnn.checkpoint import Checkpointer, CheckpointError
 from jnn.compiler import compiler_options, jit
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
+from jnn._summary import Summary, SummaryRow, summary
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, NonFiniteError, evaluate, fit, pad_batch
 from jnn.train.state import (InputSpec, ModelSpec, TrainState, abstract_train_state, create_train_state,
@@ -28,6 +29,8 @@ __all__ = [
     "ModelSpec",
     "NonFiniteError",
     "Step",
+    "Summary",
+    "SummaryRow",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -62,6 +65,7 @@ __all__ = [
     "presets",
     "pruning",
     "quantize",
+    "summary",
     "testing",
     "transfer",
     "to_nnx",

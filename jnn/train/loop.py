@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jnn import compiler
+from jnn.profiling import StepProfiler
 from jnn.train.early_stopping import EarlyStopping
 from jnn.train.evaluation import evaluate, pad_batch  # noqa: F401 - jnn.train.loop.pad_batch
 from jnn.train.state import TrainState
@@ -136,6 +137,7 @@ def fit(
     max_nonfinite: int = 10,
     max_traces: int | None = None,
     plateau: Any = None,
+    profile: Any = None,
 ) -> FitResult:
     """Trains `state` until `num_steps` (counting from step 0), evaluating and checkpointing.
 
@@ -182,6 +184,8 @@ def fit(
       plateau: a `jnn.optim.Plateau` whose `transform()` is in the optimizer chain: after each
         evaluation it lowers the learning rate when its metric has stopped improving (required
         when the chain has one, so the rate never silently stays put).
+      profile: a `jnn.profiling.Profile`: a `jax.profiler` trace of its steps into its `logdir`
+        (printed when written); the steps must lie in this call's run.
 
     Returns:
       A `FitResult` with the final state, the history of logged records, the best evaluation and
@@ -196,6 +200,9 @@ def fit(
     eval_every = eval_every or max(num_steps // 10, 1)
     data = _TrainData(train_data, data_state, early_stopping, max_traces)
     step = int(jax.device_get(state.step))
+    if profile is not None:
+        profile.check(step, num_steps if stop_at is None else min(stop_at, num_steps))
+    profiler = StepProfiler(profile)
     log = _Log(writer, step,
                NonFiniteGuard(on_nonfinite, max_nonfinite) if on_nonfinite != "apply" else None)
     last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
@@ -212,8 +219,10 @@ def fit(
     try:
         while step < end and not stopped_early:
             position, batch = data.next(state, step, num_steps)
-            state, metrics = train_step(state, batch)
+            with profiler.step(step):
+                state, metrics = train_step(state, batch)
             step += 1
+            profiler.after(step, state)
             data.advance()
             log.train(step, position, metrics, bar, flush=step % log_every == 0 or step == end,
                       batch_size=data.batch_size)
@@ -232,6 +241,7 @@ def fit(
             print(f"fit: interrupted; could not save a checkpoint at step {step}: {err}", file=sys.stderr)
         raise
     finally:
+        profiler.close()
         bar.close()
         if checkpointer is not None:
             checkpointer.wait()
