@@ -89,6 +89,7 @@ class StepProfiler:
         self.active = False
         self.out = out
         self.path: str | None = None
+        self._before: set[str] = set()
 
     def step(self, step: int):
         """A context manager around the step call that takes the state from `step` to `step + 1`."""
@@ -96,6 +97,7 @@ class StepProfiler:
             return contextlib.nullcontext()
         if step == self.profile.start and not self.active:
             os.makedirs(self.profile.logdir, exist_ok=True)
+            self._before = set(trace_files(self.profile.logdir))
             jax.profiler.start_trace(self.profile.logdir)
             self.active = True
         if self.active:
@@ -113,10 +115,9 @@ class StepProfiler:
             self._stop()
 
     def _stop(self) -> None:
-        before = set(trace_files(self.profile.logdir))
         jax.profiler.stop_trace()
         self.active = False
-        new = sorted(set(trace_files(self.profile.logdir)) - before)
+        new = sorted(set(trace_files(self.profile.logdir)) - self._before)
         self.path = os.path.dirname(new[0]) if new else self.profile.logdir
         print(f"profile of steps {self.profile.start}-{self.profile.stop - 1} written to {self.path} "
               f"(view: `tensorboard --logdir {self.profile.logdir}`, or open the .trace.json.gz in "

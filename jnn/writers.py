@@ -148,22 +148,22 @@ class CurvesWriter:
         self.flush()
 
 
-def plot_confusion(confusion, path: str | os.PathLike, class_names: Sequence[str] | None = None,
-                   title: str | None = None) -> str:
-    """Draws a confusion matrix as a PNG, each row normalised by its true class's count.
+def confusion_figure(confusion, class_names: Sequence[str] | None = None, title: str | None = None):
+    """A matplotlib figure of a confusion matrix, each row normalised by its true class's count.
 
     Rows are true classes, columns predicted ones (`jnn.metrics.confusion_matrix`'s layout). Up to
-    20 classes each cell shows its percentage; beyond, the colour alone (every class stays
-    labelled, the figure grows with the number of classes). A class with no example is a blank row.
+    20 classes each cell shows its percentage; beyond, the colour alone, on a square-root scale so
+    that small confusions stay visible, with guide lines every 10 classes (every class stays
+    labelled, and the figure grows with the number of classes). A class without examples is a
+    blank row.
 
     Args:
       confusion: a (C, C) array of counts.
-      path: the PNG to write (replaced atomically).
       class_names: C labels (default: 0 .. C-1).
       title: the figure's title (default: the number of examples and the accuracy).
 
     Returns:
-      `path`, as a string.
+      A `matplotlib.figure.Figure` (close it with `matplotlib.pyplot.close`).
 
     Raises:
       ValueError: `confusion` is not square, or `class_names` is not one name per class.
@@ -209,11 +209,24 @@ def plot_confusion(confusion, path: str | os.PathLike, class_names: Sequence[str
                           f"each row: % of the true class's examples", fontsize=big)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("share of the true class")
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion, path: str | os.PathLike, class_names: Sequence[str] | None = None,
+                   title: str | None = None) -> str:
+    """Writes `confusion_figure(confusion, class_names, title)` to the PNG `path` (atomically).
+
+    Returns:
+      `path`, as a string.
+    """
+    fig = confusion_figure(confusion, class_names, title)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
     path = os.fspath(path)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # never leave a half-written PNG
     return path
 
 
@@ -332,6 +345,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'jnn.writers' has no attribute {name!r}")
 
 
-__all__ = ["CONFUSION_FILE", "ConfusionWriter", "ConsoleWriter", "CurvesWriter", "JsonlWriter", "MlflowWriter",
+__all__ = ["CONFUSION_FILE", "ConfusionWriter", "ConsoleWriter", "CurvesWriter", "confusion_figure", "JsonlWriter", "MlflowWriter",
            "MultiWriter", "TensorBoardWriter", "WandbWriter", "make_run_writers", "plot_confusion", "preload",
            "read_jsonl", "scalars"]
