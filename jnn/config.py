@@ -18,7 +18,9 @@ from jnn.optim import OptimConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Attributes:
+    """What to train: a model of the zoo.
+
+    Attributes:
       name: a `jnn.models.names()` preset.
       kwargs: attribute overrides for the model (`num_classes`/`vocab_size` are filled from the data).
     """
@@ -29,7 +31,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Attributes:
+    """What to train on: the data set, its splits, batches and augmentation.
+
+    Attributes:
       name: a `jnn.data.load` name ("digits", "mnist", "cifar10", "npz:<path>", "synthetic", "text").
       data_dir: where the files are (mnist, cifar10; a file for npz/text). When None for mnist or
         cifar10, the bundled digits are used instead, resized to `input_shape`.
@@ -75,7 +79,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Attributes:
+    """How to train: steps, evaluation, checkpoints, loss, precision and the toolbox options.
+
+    Attributes:
       steps: total optimizer steps.
       eval_every: evaluate on the validation split every this many steps (and at the end).
       log_every: write averaged train metrics every this many steps.

@@ -12,8 +12,7 @@ Start after the first step (`START >= 1`) to leave compilation out of the trace.
 Example:
   >>> profile = jnn.profiling.Profile.parse("2:4", logdir=f"{tmp}/profile")
   >>> result = jnn.fit(state, data, num_steps=4, loss_fn="cross_entropy", profile=profile)
-  ... # doctest: +ELLIPSIS
-  profile of steps 2-3 ...
+  profile of steps 2-3 written to .../profile/plugins/profile/...
   >>> len(jnn.profiling.trace_files(profile.logdir)) >= 1
   True
 """
