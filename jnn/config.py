@@ -196,7 +196,8 @@ class LogConfig:
         names = tuple(n.strip() for name in names for n in str(name).split(",") if n.strip())
         object.__setattr__(self, "writers", names)
         check_fields("LogConfig", self, {
-            "writers": (set(names) <= set(TRACKERS), f"a subset of {TRACKERS}, e.g. wandb,mlflow"),
+            "writers": (set(names) <= set(TRACKERS) and len(set(names)) == len(names),
+                        f"a subset of {TRACKERS}, each once, e.g. wandb,mlflow"),
             "wandb_mode": (self.wandb_mode in WANDB_MODES, f"one of {list(WANDB_MODES)}"),
             "project": (bool(self.project), "a non-empty name"),
         })

@@ -180,8 +180,10 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything(tmp_path, c
 
 def test_log_config_errors_and_lazy_imports():
     with pytest.raises(ValueError, match=r"LogConfig: writers=\('wandb', 'tensorboard'\); expected writers a "
-                                         r"subset of \('wandb', 'mlflow'\)"):
+                                         r"subset of \('wandb', 'mlflow'\), each once"):
         config.override(config.Config(), ["log.writers=wandb,tensorboard"])
+    with pytest.raises(ValueError, match=r"writers=\('mlflow', 'mlflow'\); expected writers a subset"):
+        config.LogConfig(writers="mlflow,mlflow")
     with pytest.raises(ValueError, match=r"wandb_mode='cloud'; expected wandb_mode one of"):
         config.LogConfig(wandb_mode="cloud")
     assert config.override(config.Config(), ["log.writers=wandb, mlflow"]).log.writers == ("wandb", "mlflow")
