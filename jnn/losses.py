@@ -131,6 +131,10 @@ _LOSSES: dict[str, Callable[..., Array]] = {
 }
 
 
+# Losses that take a model's whole structured output (a tuple or dict), not one output array.
+STRUCTURED_OUTPUT_LOSSES: tuple[Callable[..., Array], ...] = (elbo_loss,)
+
+
 def names() -> list[str]:
     """The names `get` accepts."""
     return sorted(_LOSSES)

@@ -104,3 +104,56 @@ def test_registry_names_and_unknown():
                                losses.cross_entropy(_logits(), _int_labels(), label_smoothing=0.1))
     with pytest.raises(ValueError, match=r"unknown loss 'cross_entropi'; expected one of .*Did you mean 'cross_entropy'"):
         losses.get("cross_entropi")
+
+
+# ----------------------------------------------------------------------------------------------
+# Every loss name trains a zoo model it fits, through make_train_step(name).
+# ----------------------------------------------------------------------------------------------
+
+
+def _zoo_case(name: str):
+    """(model, batch) for loss `name`: the digits with a zoo MLP (class ids, one-hot, multi-hot or
+    regression targets), its log-softmax for NLL, and the zoo VAE for the ELBO."""
+    import flax.linen as nn
+
+    from jnn import data, models
+
+    class LogSoftmax(nn.Module):  # a classifier whose outputs are log-probabilities, as NLL expects
+        inner: nn.Module
+
+        def __call__(self, x, train: bool = False):
+            return nn.log_softmax(self.inner(x, train=train))
+
+    digits = data.load("digits").train
+    images, y = digits["inputs"][:64], digits["labels"][:64]  # (64, 8, 8, 1) in [0, 1]
+    x = images.reshape(64, -1)
+    mlp = lambda n: models.get("mlp_mnist", hidden_sizes=(32,), num_classes=n, in_features=None)  # noqa: E731
+    if name in ("cross_entropy", "softmax_cross_entropy_with_integer_labels"):
+        return mlp(10), {"inputs": x, "labels": y}
+    if name == "softmax_cross_entropy":
+        return mlp(10), {"inputs": x, "labels": np.eye(10, dtype=np.float32)[y]}
+    if name in ("nll", "nll_loss"):
+        return LogSoftmax(mlp(10)), {"inputs": x, "labels": y}
+    if name in ("bce", "binary_cross_entropy_with_logits"):  # multi-label: digit >= 5, digit is even
+        return mlp(2), {"inputs": x, "labels": np.stack([y >= 5, y % 2 == 0], -1).astype(np.float32)}
+    if name in ("mse", "mean_squared_error"):  # regress the digit's value
+        return mlp(1), {"inputs": x, "labels": (y[:, None] / 9.0).astype(np.float32)}
+    assert name == "elbo", f"no zoo case for the loss {name!r}: add one"
+    return (models.get("vae_mnist", image_shape=(8, 8, 1), hidden_sizes=(32,), latent_dim=4),
+            {"inputs": images, "labels": images})
+
+
+@pytest.mark.parametrize("name", losses.names())
+def test_every_loss_name_trains_a_zoo_model(name):
+    import optax
+
+    import jnn
+
+    model, batch = _zoo_case(name)
+    state = jnn.create_train_state(model, optax.adam(1e-2), batch["inputs"][:1], 0)
+    step = jax.jit(jnn.make_train_step(name))
+    first = None
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) < 0.9 * first, (name, first, metrics)

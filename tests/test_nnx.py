@@ -30,6 +30,19 @@ class MLP(nnx.Module):
         return self.linear2(self.dropout(nnx.relu(self.bn(self.linear1(x)))))
 
 
+class CallRngsMLP(nnx.Module):
+    """As in Flax's NNX randomness guide and MNIST example: Dropout holds no rngs; `__call__` takes them."""
+
+    def __init__(self, rngs: nnx.Rngs, rate: float = 0.3):
+        self.linear1 = nnx.Linear(F, 16, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)
+        self.dropout = nnx.Dropout(rate)
+        self.linear2 = nnx.Linear(16, C, rngs=rngs)
+
+    def __call__(self, x, *, rngs: nnx.Rngs):
+        return self.linear2(self.dropout(nnx.relu(self.bn(self.linear1(x))), rngs=rngs))
+
+
 def _batch(seed=0, n=32):
     rng = np.random.default_rng(seed)
     return {"inputs": rng.normal(size=(n, F)).astype(np.float32),
@@ -145,11 +158,29 @@ def test_vmap_over_stacked_nnx_states():
                                 jax.device_get(single.params), rtol=tol.F32_REORDER_RTOL, atol=tol.F32_REORDER_ATOL)
 
 
-def test_fit_checkpoint_and_bitwise_resume(tmp_path):
+def test_call_time_rngs_draw_from_the_steps_key():
+    """`__call__(self, x, *, rngs)`: jnn passes an nnx.Rngs whose streams derive from the step key."""
+    state = _state(CallRngsMLP(nnx.Rngs(0)))
+    assert state.model.call_rngs and state.model.rng_tags == ()
+    x = _batch()["inputs"]
+    a, _ = state.model.apply(state.params, state.model_state, x, train=True, rng=jax.random.key(1))
+    b, _ = state.model.apply(state.params, state.model_state, x, train=True, rng=jax.random.key(2))
+    again, _ = state.model.apply(state.params, state.model_state, x, train=True, rng=jax.random.key(1))
+    assert not np.allclose(a, b)  # a new mask for a new step key
+    np.testing.assert_array_equal(a, again)  # the same mask for the same key
+    eval_step = jax.jit(jnn.make_eval_step("cross_entropy"))
+    state, _ = jax.jit(jnn.make_train_step(CE))(state, _batch())
+    first, second = eval_step(state, _batch()), eval_step(state.replace(step=state.step + 5), _batch())
+    chex.assert_trees_all_equal(jax.device_get(first), jax.device_get(second))
+    assert jnn.to_nnx(state)(x[:2], rngs=nnx.Rngs(0)).shape == (2, C)
+
+
+@pytest.mark.parametrize("module", [MLP, CallRngsMLP])
+def test_fit_checkpoint_and_bitwise_resume(tmp_path, module):
     data = {k: np.concatenate([_batch(i)[k] for i in range(4)]) for k in ("inputs", "labels")}
 
     def run(num_steps, stop_at=None, restore=False):
-        state = _state(MLP(nnx.Rngs(0), rate=0.3), optax.adam(1e-2))
+        state = _state(module(nnx.Rngs(0), rate=0.3), optax.adam(1e-2))
         with jnn.Checkpointer(tmp_path / "ckpt", keep=2) as ckpt:
             data_state = None
             if restore:

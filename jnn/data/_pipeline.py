@@ -279,7 +279,11 @@ def _check_data(data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             "expected data as a non-empty dict of arrays, e.g. {'inputs': x, 'labels': y}, "
             f"got {type(data).__name__}."
         )
+    from jnn.train.batch import check_numeric  # noqa: PLC0415 - one rule for pipelines and steps
+
     arrays = _tree_map(np.asarray, dict(data))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(arrays):
+        check_numeric(leaf, "data" + jax.tree_util.keystr(path), "Pipeline", error=DataError)
     lengths = {jax.tree_util.keystr(path): (len(a) if a.ndim else None)
                for path, a in jax.tree_util.tree_leaves_with_path(arrays)}
     if not lengths or len(set(lengths.values())) != 1 or None in lengths.values():

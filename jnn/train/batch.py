@@ -56,6 +56,9 @@ def check_batch(state: TrainState, batch: Batch, *, where: str = "train_step") -
             f"{sorted(batch)}. Fix: pass {{'inputs': x, 'labels': y, ...}}."
         )
     inputs, labels = batch["inputs"], batch["labels"]
+    for key in ("inputs", "labels", "mask"):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(batch.get(key)):
+            check_numeric(leaf, f"batch[{key!r}]{jax.tree_util.keystr(path)}", where)
     spec = state.spec
     in_shape = _check_inputs(spec, inputs, where)
     if isinstance(labels, (Mapping, tuple, list)):  # structured labels: only the batch axis is checked
@@ -114,6 +117,21 @@ def check_batch(state: TrainState, batch: Batch, *, where: str = "train_step") -
                     f"{num_classes} output classes, so labels must lie in [0, {num_classes - 1}]. "
                     f"Fix: remap the labels, or build the model with num_classes={hi + 1}."
                 )
+
+
+def check_numeric(x: Any, name: str, where: str, *, error: type[Exception] = ValueError) -> None:
+    """Refuses strings and Python objects, which JAX cannot hold (it would fail inside tracing)."""
+    kind = getattr(getattr(x, "dtype", None), "kind", None)
+    if kind is None and isinstance(x, (str, bytes, list)):
+        kind = np.asarray(x).dtype.kind
+    if kind not in ("U", "S", "O"):
+        return
+    sample = np.asarray(x).ravel()[:3].tolist()
+    what = "class labels" if "labels" in name else "values"
+    raise error(
+        f"{where}: {name} holds {'strings' if kind in 'US' else 'Python objects'} ({np.asarray(x).dtype}, "
+        f"e.g. {sample}); expected numeric arrays (integer class ids or floats). Fix: map the {what} to "
+        f"numbers first, e.g. names, ids = np.unique(labels, return_inverse=True), then pass ids.astype('int32').")
 
 
 def _same_kind(got: Any, want: Any) -> bool:

@@ -26,6 +26,7 @@ Rules every model follows under jnn (documented in the README):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import re
@@ -153,6 +154,23 @@ def _batch_norm_axis(axis_name: str | None):
     return nn.intercept_methods(interceptor)
 
 
+def _dropout_off():
+    """A linen interceptor that runs every `nn.Dropout` with rate 0 (it then returns its input)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.Dropout) or module.rate == 0:
+            return next_fun(*args, **kwargs)
+        original = module.rate
+        object.__setattr__(module, "rate", 0.0)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "rate", original)
+
+    return nn.intercept_methods(interceptor)
+
+
 def _same_shapes(a: PyTree, b: PyTree) -> bool:
     """Same structure and shapes: a state collection; a sown one grows (its tuples get longer)."""
     shapes = lambda t: [tuple(jnp.shape(x)) for x in jax.tree.leaves(t)]  # noqa: E731
@@ -196,6 +214,8 @@ class LinenModel:
       compute_module: the module the step runs under a precision policy (the user's module with
         its `dtype` set to the compute dtype, `jnn.precision.in_compute_dtype`), or None: `module`.
         `module` itself stays the user's (`state.apply_fn`, quantization and export use it).
+      dropout: False runs every dropout layer with rate 0, in training too (`jnn.testing`
+        compares parallel paths that draw per-device masks this way).
     """
 
     module: nn.Module
@@ -206,6 +226,7 @@ class LinenModel:
     precision: Any = None
     reparam: Any = None
     compute_module: nn.Module | None = None
+    dropout: bool = True
 
     kind = "linen"
 
@@ -226,7 +247,8 @@ class LinenModel:
         # call); evaluation discards the updates.
         mutable = list(self.collections) if self.collections else False
         module = self.module if self.compute_module is None else self.compute_module
-        with _batch_norm_axis(axis_name if self.sync_batch_norm else None):
+        with _batch_norm_axis(axis_name if self.sync_batch_norm else None), \
+                (contextlib.nullcontext() if self.dropout else _dropout_off()):
             out = module.apply({"params": params, **model_state}, *call_args(inputs), rngs=rngs,
                                mutable=mutable, **mode)
         if not mutable:

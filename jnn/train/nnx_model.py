@@ -3,6 +3,7 @@ is described in `jnn.train.model`)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import jax
@@ -27,6 +28,20 @@ def _pure(state: nnx.State) -> dict:
     return nnx.to_pure_dict(state)
 
 
+# The streams of the `nnx.Rngs` a module that takes its rngs at call time receives; any other
+# stream it asks for (`rngs.noise()`) falls back to "default", as in `nnx.Rngs` itself.
+CALL_STREAMS = ("default", "dropout")
+
+
+def _takes_call_rngs(module: nnx.Module) -> bool:
+    """`__call__(self, x, *, rngs)`: the module takes its `nnx.Rngs` at call time (flax's NNX
+    randomness guide and MNIST example write dropout this way)."""
+    try:
+        return "rngs" in inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NnxModel:
     """A flax.nnx module as jnn runs it: a graph definition and the structure of its state.
@@ -42,7 +57,9 @@ class NnxModel:
     rng_leaves: tuple[tuple[tuple[int, ...], str, str | None], ...]  # (shape, dtype, key impl)
     rng_tags: tuple[str, ...]
     batch_stats: tuple[bool, ...]  # per model_state leaf
+    call_rngs: bool = False  # __call__ takes `rngs`: jnn passes an nnx.Rngs derived from the step key
     sync_batch_norm: bool = True
+    dropout: bool = True  # False: every nnx.Dropout runs with rate 0 (see LinenModel.dropout)
     precision: Any = None  # a jnn.precision.Policy applied around every run
     reparam: Any = None  # state params -> the module's (e.g. jnn.lora.LoRA)
 
@@ -50,7 +67,8 @@ class NnxModel:
 
     def _key(self):
         return (self.graphdef, self.params_def, self.state_def, self.rng_def, self.rng_leaves,
-                self.rng_tags, self.batch_stats, self.sync_batch_norm, self.precision, self.reparam)
+                self.rng_tags, self.batch_stats, self.call_rngs, self.sync_batch_norm, self.dropout,
+                self.precision, self.reparam)
 
     def __eq__(self, other):
         return isinstance(other, NnxModel) and self._key() == other._key()
@@ -73,11 +91,18 @@ class NnxModel:
             nnx.reseed(module, policy="match_shape", **stream_keys(key, self.rng_tags))
         return module
 
+    def _call_kwargs(self, rng: jax.Array | None) -> dict[str, Any]:
+        """`{"rngs": nnx.Rngs(...)}` with each stream `fold_in(rng, crc32(name))`, for a module
+        that takes its rngs at call time; `{}` for the others."""
+        if not self.call_rngs:
+            return {}
+        return {"rngs": nnx.Rngs(**stream_keys(jax.random.key(0) if rng is None else rng, CALL_STREAMS))}
+
     def __call__(self, variables: PyTree, *args, rngs: jax.Array | None = None):
         """The module in eval mode on `args`, from `{"params": ..., "state": ...}` (as `state.apply_fn`)."""
         module = self.merge(variables["params"], variables["state"], rngs)
         module.eval()
-        return module(*args)
+        return module(*args, **self._call_kwargs(rngs))
 
     def apply(self, params: PyTree, model_state: PyTree, inputs: Any, *, train: bool,
               rng: jax.Array | None = None, axis_name: str | None = None) -> tuple[Any, PyTree]:
@@ -87,7 +112,9 @@ class NnxModel:
         for _, sub in nnx.iter_modules(module):
             if isinstance(sub, nnx.BatchNorm):
                 sub.axis_name = axis_name if self.sync_batch_norm else None
-        outputs = module(*call_args(inputs))
+            elif isinstance(sub, nnx.Dropout) and not self.dropout:
+                sub.rate = 0.0
+        outputs = module(*call_args(inputs), **self._call_kwargs(rng))
         new_state = _pure(nnx.state(module, _STATE))
         if jax.tree.structure(new_state) != jax.tree.structure(model_state):
             raise ValueError(
@@ -120,7 +147,7 @@ def split_nnx(module: nnx.Module) -> tuple[NnxModel, dict, dict]:
     tags = sorted({v.tag for v in variables(rngs) if isinstance(v, nnx.RngKey)})
     flags = tuple(isinstance(v, nnx.BatchStat) for v in variables(state))
     model = NnxModel(graphdef, jax.tree.structure(params), jax.tree.structure(state), jax.tree.structure(rngs),
-                     rng_leaves, tuple(tags), flags)
+                     rng_leaves, tuple(tags), flags, _takes_call_rngs(module))
     copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 - a donated step must not free the module's arrays
     return model, copy(pure_params), copy(pure_state)
 

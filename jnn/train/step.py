@@ -47,6 +47,8 @@ def _takes_batch(fn: Callable) -> bool:
 def _array_loss(fn: Callable) -> bool:
     """A library loss that takes the model's output array (jnn.losses, optax.losses)."""
     fn = getattr(fn, "func", fn)  # functools.partial
+    if fn in losses_lib.STRUCTURED_OUTPUT_LOSSES:  # e.g. "elbo": the VAE's (logits, mean, logvar)
+        return False
     module = getattr(fn, "__module__", "") or ""
     return module.startswith(("jnn.losses", "optax"))
 
@@ -209,6 +211,18 @@ def _mean_batch_stats(model, model_state, axis_name, devices, others):
     return others, jax.tree.unflatten(tree, [next(means) if is_stat else x for x, is_stat in zip(leaves, flags)])
 
 
+def _check_state_types(old: Any, new: Any) -> None:
+    """Refuses (while tracing) a model that changes the dtype or shape of its own state: the next
+    step would compile again, and a skipped step could not keep the old state."""
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(old), jax.tree.leaves(new)):
+        if jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+            raise ValueError(
+                f"train_step: the model changed model_state{jax.tree_util.keystr(path)} from {jnp.result_type(a)} "
+                f"{tuple(jnp.shape(a))} to {jnp.result_type(b)} {tuple(jnp.shape(b))} in one step; expected its "
+                f"variables to keep their dtype and shape (the next step would compile again). Fix: cast the "
+                f"update to the variable's dtype, e.g. new.astype(var.value.dtype).")
+
+
 def _learning_rate(opt_state) -> jax.Array | None:
     """The current learning rate if the optimizer state holds one (`optax.inject_hyperparams`),
     times the scale of a `jnn.optim.Plateau` in the chain."""
@@ -340,6 +354,7 @@ def make_train_step(
         # one per quantity (pmap on 8 CPU devices vs a hand-written pmap step: 1.38x -> 1.12x).
         (_, (loss, outputs, new_model_state, weight)), grads = jax.value_and_grad(
             compute_loss, has_aux=True)(state.params)
+        _check_state_types(state.model_state, new_model_state)
         if loss_scale is not None:
             grads = jax.tree.map(lambda g: g / loss_scale.scale.astype(g.dtype), grads)
         counts = _accuracy_counts(outputs, labels, mask) if "accuracy" in want else None
