@@ -47,7 +47,8 @@ DOCTESTS = _docstring_tests()
 # Examples these tests do not run, and where they do run.
 NOT_RUN_HERE = {
     "jnn.testing._parallel.check_parallel": "compiles every parallel path (20 s); tests/test_testing.py runs it",
-    "jnn.testing.check_model": "the jnn.testing module's example (run here) makes the same call",
+    "jnn.testing": "the README's 'Testing your own model' makes the same call (tests/test_readme.py; 12 s)",
+    "jnn.testing.check_model": "the same call again",
 }
 
 
