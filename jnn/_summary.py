@@ -1,5 +1,5 @@
-"""`jnn.summary`: a model summary: module paths, types, output shapes, parameter counts and FLOPs, with the memory
-of the parameters, the model state and the optimizer state.
+"""`jnn.summary`: module paths, types, output shapes, parameter counts and FLOPs of a model, with
+the memory of its parameters, model state and optimizer state.
 
 `summary(model_or_state, inputs)` traces the model once on shapes (nothing is computed or
 allocated), records every module call (linen: `nn.intercept_methods`; nnx: each module class's
@@ -123,8 +123,7 @@ def summary(model_or_state: Any, inputs: Any = None, *, tx: Any = None, depth: i
     calls = _record_calls(state, shapes)
     params = _model_params(state)
     has_tx = isinstance(model_or_state, TrainState) or tx is not None
-    rows = tuple(SummaryRow(c.path, c.type, c.outputs, _count_under(params, c.path),
-                     c.flops() if flops else None)
+    rows = tuple(SummaryRow(c.path, c.type, c.outputs, _count_under(params, c.path), c.flops() if flops else None)
                  for c in calls if depth is None or len(c.path) <= depth)
     return Summary(
         name=name, inputs=tuple(_shape_str(x) for x in jax.tree.leaves(shapes)), rows=rows,

@@ -345,6 +345,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'jnn.writers' has no attribute {name!r}")
 
 
-__all__ = ["CONFUSION_FILE", "ConfusionWriter", "ConsoleWriter", "CurvesWriter", "confusion_figure", "JsonlWriter", "MlflowWriter",
-           "MultiWriter", "TensorBoardWriter", "WandbWriter", "make_run_writers", "plot_confusion", "preload",
-           "read_jsonl", "scalars"]
+__all__ = ["CONFUSION_FILE", "ConfusionWriter", "ConsoleWriter", "CurvesWriter", "JsonlWriter", "MlflowWriter",
+           "MultiWriter", "TensorBoardWriter", "WandbWriter", "confusion_figure", "make_run_writers", "plot_confusion",
+           "preload", "read_jsonl", "scalars"]

@@ -85,7 +85,8 @@ def namespace(base, tmp_path) -> dict:
 
 def test_every_docstring_with_examples_is_collected():
     names = set(DOCTESTS)
-    assert {"jnn.train.loop.fit", "jnn.pruning", "jnn._summary", "jnn.profiling", "jnn.models._sampling.sample"} <= names
+    assert {"jnn.train.loop.fit", "jnn.pruning", "jnn._summary", "jnn.profiling",
+            "jnn.models._sampling.sample"} <= names
     assert len(names) >= 29 and set(NOT_RUN_HERE) <= names
 
 

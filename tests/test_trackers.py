@@ -69,7 +69,8 @@ def _items(items):
 
 def _report():
     confusion = np.array([[5, 1], [2, 7]])
-    return {"accuracy": 12 / 15, "loss": 0.4, "confusion": confusion, "report": metrics.classification_report(confusion)}
+    return {"accuracy": 12 / 15, "loss": 0.4, "confusion": confusion,
+            "report": metrics.classification_report(confusion)}
 
 
 def test_jnn_train_logs_to_wandb_and_mlflow_then_resumes_the_same_runs(tmp_path, capsys, monkeypatch):

@@ -121,7 +121,8 @@ def test_confusion_figure_normalises_rows_and_labels_every_class():
     rates = np.ma.filled(ax.images[0].get_array(), np.nan)
     np.testing.assert_allclose(rates[:2], [[0.8, 0.2, 0.0], [0.25, 0.75, 0.0]])
     assert np.isnan(rates[2]).all()
-    assert [t.get_text() for t in ax.get_xticklabels()] == [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names == [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
     assert sorted(t.get_text() for t in ax.texts) == ["20", "25", "75", "80"]  # percentages of the row
     assert "14 examples, accuracy 0.7857" in ax.get_title()
