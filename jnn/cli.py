@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--summary", action="store_true",
                        help="print the model summary (layers, shapes, parameters, FLOPs, memory) before training")
     train.add_argument("--profile", default=None, metavar="START:STOP",
-                       help="record a jax.profiler trace of steps START to STOP into RUN_DIR/profile "
-                            "(TensorBoard or Perfetto)")
+                       help="record a jax.profiler trace of steps START to STOP-1 (10:12: steps 10 and 11) into "
+                            "RUN_DIR/profile, for TensorBoard or Perfetto")
     train.add_argument("--timeout", type=int, default=None, metavar="S",
                        help="multi-process runs: seconds to wait for the other processes to connect, and "
                             "after which a silent process counts as dead (default 120)")

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jnn
-from jnn import profiling
+from jnn import cli, profiling
 from tests._tiny import TinyMLP
 
 
@@ -65,3 +65,14 @@ def test_steps_outside_the_run_are_refused_before_training(tmp_path):
         jnn.fit(state, _data(), num_steps=6, loss_fn="cross_entropy",
                 profile=profiling.Profile(4, 9, str(tmp_path / "p")))
     assert int(state.step) == 0 and not (tmp_path / "p").exists()  # nothing trained, nothing written
+
+
+def test_jnn_train_refuses_a_bad_profile_before_anything(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--profile", "3:20"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "jnn train: error: profile: steps 3:20 are not all in this run, which trains steps 0:8; expected "
+        "0 <= START < STOP <= 8. Fix: pass steps inside the run, e.g. --profile 1:3.")
+    assert cli.main(["train", "--debug", "--run-dir", str(run), "--profile", "ten"]) == 2
+    assert "expected START:STOP" in capsys.readouterr().err
+    assert not run.exists()
