@@ -10,6 +10,7 @@ from jnn.compiler import compiler_options, jit
 from jnn._export import Exported, ExportError, export
 from jnn.predict import LoadedModel, load
 from jnn.config import Config, DataConfig, ModelConfig, TrainConfig
+from jnn._summary import Summary, SummaryRow, summary
 from jnn.optim import OptimConfig, make_optimizer, make_schedule
 from jnn.train.loop import EarlyStopping, FitResult, NonFiniteError, evaluate, fit, pad_batch
 from jnn.train.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -36,6 +37,8 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "Preempted",
     "Step",
+    "Summary",
+    "SummaryRow",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -73,6 +76,7 @@ __all__ = [
     "presets",
     "pruning",
     "quantize",
+    "summary",
     "testing",
     "transfer",
     "to_nnx",

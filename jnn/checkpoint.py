@@ -130,7 +130,8 @@ class Checkpointer:
 
     Example:
       >>> ckpt = jnn.Checkpointer(run_dir / "checkpoints", keep=2, best_metric="accuracy")
-      >>> ckpt.save(state, data_state=loader_state, metrics={"accuracy": 0.97})
+      >>> ckpt.save(state, data_state=loader_state, metrics={"accuracy": 0.97})  # True: saved
+      True
       >>> state, data_state = ckpt.restore(template_state)
 
     Args:

@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="run as N data-parallel processes on this machine, one CPU device each (a cluster "
                             "starts one `jnn train` per host with JNN_COORDINATOR, JNN_NUM_PROCESSES, "
                             "JNN_PROCESS_ID)")
+    train.add_argument("--summary", action="store_true",
+                       help="print the model summary (layers, shapes, parameters, FLOPs, memory) before training")
+    train.add_argument("--profile", default=None, metavar="START:STOP",
+                       help="record a jax.profiler trace of steps START to STOP-1 (10:12: steps 10 and 11) into "
+                            "RUN_DIR/profile, for TensorBoard or Perfetto")
     train.add_argument("--timeout", type=int, default=None, metavar="S",
                        help="multi-process runs: seconds to wait for the other processes to connect, and "
                             "after which a silent process counts as dead (default 120)")
@@ -121,7 +126,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="JAX backend, devices and versions")
     sub.add_parser("presets", help="list the training presets")
-    sub.add_parser("models", help="list the model zoo")
+    models = sub.add_parser("models", help="list the model zoo, or summarise one model")
+    models.add_argument("name", nargs="?", default=None, help="a model of the zoo (with --summary)")
+    models.add_argument("--summary", action="store_true",
+                        help="print NAME's layers, output shapes, parameters, FLOPs and memory (with Adam)")
+    models.add_argument("--batch-size", type=int, default=1, help="the summary's example batch size")
     sub.add_parser("bench", add_help=False,
                    help="run the benchmark harness of a source checkout: `python -m benchmarks ARGS` (see --help)")
     return parser
@@ -189,14 +198,16 @@ def _train_process(args) -> int:
                                           ("--run-dir", args.run_dir)) if given]
         if extra:
             raise ValueError(f"--resume continues a run with the config it started with; got {', '.join(extra)} too. "
-                             f"Fix: drop them (only --data-dir, --stop-at and --progress go with --resume), or "
-                             f"start a new run.")
-        experiment.resume(args.resume, data_dir=args.data_dir, progress=args.progress, stop_at=args.stop_at)
+                             f"Fix: drop them (only --data-dir, --stop-at, --progress, --summary and --profile go "
+                             f"with --resume), or start a new run.")
+        experiment.resume(args.resume, data_dir=args.data_dir, progress=args.progress, stop_at=args.stop_at,
+                          summary=args.summary, profile=args.profile)
         return 0
     name = args.preset or "digits"
     config = config_from_args(name, args)
     run_dir = args.run_dir or default_run_dir(name, args.debug)
-    experiment.train(config, run_dir, progress=args.progress, stop_at=args.stop_at)
+    experiment.train(config, run_dir, progress=args.progress, stop_at=args.stop_at, summary=args.summary,
+                     profile=args.profile)
     return 0
 
 
@@ -213,6 +224,32 @@ def _info() -> int:
             print(f"{package}: {md.version(package)}")
         except md.PackageNotFoundError:
             print(f"{package}: not installed")
+    return 0
+
+
+def _models(args) -> int:
+    from jnn import models
+
+    if args.name is None:
+        if args.summary:
+            raise ValueError("--summary needs a model name: expected `jnn models NAME --summary`, e.g. "
+                             "`jnn models resnet20 --summary` (`jnn models` lists the names).")
+        for name in models.names():
+            print(f"{name:28s} {models.spec(name).description}")
+        return 0
+    spec = models.spec(args.name)  # an unknown name lists the valid ones
+    if not args.summary:
+        print(f"{spec.name:28s} {spec.description}")
+        return 0
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected a positive batch size.")
+    import optax
+
+    from jnn._summary import summary
+
+    x = models.example_input(args.name, batch_size=args.batch_size)
+    print(f"{spec.name}: {spec.description}")
+    print(summary(models.get(args.name), x, tx=optax.adam(1e-3)))
     return 0
 
 
@@ -281,11 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:20s} {doc}")
             return 0
         if args.command == "models":
-            from jnn import models
-
-            for name in models.names():
-                print(f"{name:28s} {models.spec(name).description}")
-            return 0
+            return _models(args)
     except (ValueError, OSError) as err:  # user errors (bad input, files, NaN data): one line
         print(f"jnn {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Run configuration: four small dataclasses, overridable from the command line, saved as JSON.
+"""Run configuration: five small dataclasses, overridable from the command line, saved as JSON.
 
 `--set optim.learning_rate=3e-4` sets a field; values are parsed as Python literals and coerced to
 the field's type. `model.<attr>=...` for any other name than `model.name` sets a model attribute
@@ -18,7 +18,9 @@ from jnn.optim import OptimConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Attributes:
+    """What to train: a model of the zoo.
+
+    Attributes:
       name: a `jnn.models.names()` preset.
       kwargs: attribute overrides for the model (`num_classes`/`vocab_size` are filled from the data).
     """
@@ -29,7 +31,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Attributes:
+    """What to train on: the data set, its splits, batches and augmentation.
+
+    Attributes:
       name: a `jnn.data.load` name ("digits", "mnist", "cifar10", "npz:<path>", "synthetic", "text").
       data_dir: where the files are (mnist, cifar10; a file for npz/text). When None for mnist or
         cifar10, the bundled digits are used instead, resized to `input_shape`.
@@ -75,7 +79,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Attributes:
+    """How to train: steps, evaluation, checkpoints, loss, precision and the toolbox options.
+
+    Attributes:
       steps: total optimizer steps.
       eval_every: evaluate on the validation split every this many steps (and at the end).
       log_every: write averaged train metrics every this many steps.
@@ -156,17 +162,60 @@ def _precision_names() -> list[str]:
     return list(POLICIES)
 
 
+TRACKERS = ("wandb", "mlflow")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Where a run is logged besides its run directory (`jnn.writers.WandbWriter`, `MlflowWriter`).
+
+    Attributes:
+      writers: trackers: any of "wandb", "mlflow" (`--set log.writers=wandb,mlflow`; each needs
+        its package: `pip install "jnn[trackers]"`).
+      project: the W&B project and the MLflow experiment.
+      run_name: the run's name in the trackers (None: the run directory's name).
+      wandb_mode: "offline" (written under RUN_DIR/wandb, uploaded later with `wandb sync`),
+        "online" or "disabled".
+      mlflow_tracking_uri: where MLflow logs: a database (`sqlite:///path/mlflow.db`), a
+        directory (`file:///path/mlruns`), or a server (`http://host:5000`). None: MLflow's own
+        default ($MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory).
+      log_checkpoint: also upload the tested (best) checkpoint as an artifact.
+    """
+
+    writers: tuple[str, ...] = ()
+    project: str = "jnn"
+    run_name: str | None = None
+    wandb_mode: str = "offline"
+    mlflow_tracking_uri: str | None = None
+    log_checkpoint: bool = False
+
+    def __post_init__(self):
+        names = (self.writers,) if isinstance(self.writers, str) else tuple(self.writers)
+        # "wandb,mlflow" from the command line is one string: one name per comma.
+        names = tuple(n.strip() for name in names for n in str(name).split(",") if n.strip())
+        object.__setattr__(self, "writers", names)
+        check_fields("LogConfig", self, {
+            "writers": (set(names) <= set(TRACKERS) and len(set(names)) == len(names),
+                        f"a subset of {TRACKERS}, each once, e.g. wandb,mlflow"),
+            "wandb_mode": (self.wandb_mode in WANDB_MODES, f"one of {list(WANDB_MODES)}"),
+            "project": (bool(self.project), "a non-empty name"),
+        })
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A whole run: what to train, on what, with what optimizer, for how long."""
+    """A whole run: what to train, on what, with what optimizer, for how long, logged where."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+            "log": LogConfig}
 
 
 def valid_keys() -> list[str]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnn import _claim as claim_lib
-from jnn import compiler
+from jnn import compiler, profiling, trackers
 from jnn import data as data_lib
 from jnn import losses as losses_lib
 from jnn import metrics as metrics_lib
@@ -37,7 +37,8 @@ from jnn.train import preemption as preemption_lib
 from jnn.train.preemption import Preempted
 from jnn.train.state import TrainState, create_train_state
 from jnn.train.step import check_batch, make_eval_step
-from jnn.writers import make_run_writers, preload as preload_writers
+from jnn._summary import summary as model_summary
+from jnn.writers import CONFUSION_FILE, make_run_writers, plot_confusion, preload as preload_writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,13 +254,19 @@ def check_run(exp: Experiment, stop_at: int | None = None) -> None:
 
 
 def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool | None = None,
-          stop_at: int | None = None, out=None) -> RunResult:
+          stop_at: int | None = None, out=None, summary: bool = False,
+          profile: profiling.Profile | str | None = None) -> RunResult:
     """Trains `config` in `run_dir` (or resumes the run there), then evaluates on the test split.
 
     `stop_at` ends the run early at that step, with a checkpoint, as a preempted job would (for
     time-limited jobs); `resume=True` later continues it to `config.train.steps`, bit for bit.
     Everything a user can get wrong (run directory, config, first batch, metric names, disk
-    space) is refused before anything is written.
+    space, a tracker that is not installed, profile steps outside the run) is refused before
+    anything is written.
+
+    `summary=True` prints the model summary (`jnn.summary`) before training; `profile`
+    ("START:STOP" or a `jnn.profiling.Profile`) records a `jax.profiler` trace of those steps
+    into `run_dir/profile`. `config.log` adds Weights & Biases / MLflow writers (`jnn.trackers`).
 
     Returns:
       A `RunResult` (its `test` is None when `stop_at` stopped the run).
@@ -275,24 +282,31 @@ def train(config: Config, run_dir: str, *, resume: bool = False, progress: bool 
       Preempted: a scheduler's signal stopped the run, with a checkpoint.
     """
     with preemption_lib.watch_signals():  # a signal during start-up stops the run at its first step
-        return _claim_and_train(config, run_dir, resume, progress, stop_at, out)
+        return _claim_and_train(config, run_dir, resume, progress, stop_at, out, summary, profile)
 
 
-def _claim_and_train(config: Config, run_dir: str, resume: bool, progress, stop_at, out) -> RunResult:
+def _claim_and_train(config: Config, run_dir: str, resume: bool, progress, stop_at, out, summary: bool,
+                     profile) -> RunResult:
     start = time.perf_counter()
     run_dir = os.path.abspath(run_dir)
     claim_lib.probe(run_dir)  # a run still writing there: say so, before "already holds a run"
     check_run_dir(config, run_dir, resume)
+    trackers.check_log(config.log)
+    profile = profiling.for_run(profile, run_dir)
+    if profile is not None:
+        profile.check(0, stop_at or config.train.steps)
     preload_writers()  # in a thread, overlapping the compilation below
     exp = build(config)  # any data or model error is raised here, before anything is written
     check_run(exp, stop_at)
+    if summary:
+        _say(out, str(model_summary(exp.state, exp.splits.train["inputs"][:1])))
     t = config.train  # the checkpoints the run keeps at once: keep, the best, and the one being written
     check_space(os.path.join(run_dir, CHECKPOINTS), exp.state, copies=t.keep + 1 + (t.best_metric is not None))
     claim = claim_lib.Claim(run_dir, "run directory", "jnn train")
     if _is_main():  # process 0 writes the directory, for the whole run
         claim.acquire()
     try:
-        return _train(exp, config, run_dir, resume, progress, stop_at, out, start)
+        return _train(exp, config, run_dir, resume, progress, stop_at, out, start, profile)
     except Preempted as stop:
         _say(out, f"preempted by {stop.signal_name} at step {stop.step} of {config.train.steps}, with a checkpoint; "
                   f"continue with `jnn train --resume {run_dir}`")
@@ -302,7 +316,7 @@ def _claim_and_train(config: Config, run_dir: str, resume: bool, progress, stop_
 
 
 def _train(exp: Experiment, config: Config, run_dir: str, resume: bool, progress, stop_at, out,
-           start: float) -> RunResult:
+           start: float, profile) -> RunResult:
     t = config.train
     os.makedirs(run_dir, exist_ok=True)
     if not resume and _is_main():
@@ -321,8 +335,12 @@ def _train(exp: Experiment, config: Config, run_dir: str, resume: bool, progress
         _say(out, f"training {config.model.name} on {exp.splits.name} ({len(exp.splits.train['labels'])} train / "
                   f"{len(exp.splits.val['labels'])} val / {len(exp.splits.test['labels'])} test) for {t.steps} "
                   f"steps; run directory {run_dir}")
-        writer = make_run_writers(run_dir, resume_step=int(state.step)) if _is_main() else _NoWriter()
+        writer = make_run_writers(run_dir, resume_step=int(state.step),
+                                  class_names=exp.splits.class_names) if _is_main() else _NoWriter()
         try:
+            if _is_main() and config.log.writers:
+                writer.writers += trackers.make_trackers(config.log, run_dir, to_dict(config),
+                                                         class_names=exp.splits.class_names)
             result = fit(
                 state, exp.train_data, num_steps=t.steps, stop_at=stop_at, train_step=exp.train_step,
                 eval_step=exp.eval_step,  # one compiled eval step for validation and the final test
@@ -331,6 +349,7 @@ def _train(exp: Experiment, config: Config, run_dir: str, resume: bool, progress
                 early_stopping=EarlyStopping(t.early_stopping, t.best_mode, t.patience) if t.early_stopping else None,
                 writer=writer, checkpointer=checkpointer, data_state=data_state,
                 progress=progress if _is_main() else False, plateau=optim_lib.plateau(config.optim),
+                profile=profile if _is_main() else None,
             )
             _say_history(out, result.history)
             final = result.state
@@ -361,16 +380,18 @@ def _train(exp: Experiment, config: Config, run_dir: str, resume: bool, progress
 
 
 def resume(run_dir: str, *, data_dir: str | None = None, progress: bool | None = None,
-           stop_at: int | None = None, out=None) -> RunResult:
+           stop_at: int | None = None, out=None, summary: bool = False,
+           profile: profiling.Profile | str | None = None) -> RunResult:
     """Continues the run in `run_dir` with the config it was started with (`train(..., resume=True)`).
 
     Args:
       data_dir: where the run's data is now, if it moved.
-      progress, stop_at, out: as for `train`.
+      progress, stop_at, out, summary, profile: as for `train`.
     """
     check_resumable(run_dir)
     config = with_data_dir(read_config(run_dir), data_dir or None)
-    return train(config, run_dir, resume=True, progress=progress, stop_at=stop_at, out=out)
+    return train(config, run_dir, resume=True, progress=progress, stop_at=stop_at, out=out, summary=summary,
+                 profile=profile)
 
 
 def _say_history(out, history: list[dict]) -> None:
@@ -419,14 +440,20 @@ def restore(run_dir: str, *, step: int | None = None, data_dir: str | None = Non
 
 def evaluate_run(run_dir: str, *, step: int | None = None, data_dir: str | None = None,
                  out=None) -> dict[str, Any]:
-    """Evaluates a run directory's checkpoint (best, or `step`) on its test split.
+    """Evaluates a run directory's checkpoint (best, or `step`) on its test split, and draws its
+    confusion matrix into the run directory (`confusion.png`, or `confusion-step<step>.png`).
 
     Raises:
       RunDirError / CheckpointError: not a run directory, or no usable checkpoint.
     """
+    picture = CONFUSION_FILE if step is None else f"confusion-step{step}.png"
     exp, state = restore(run_dir, step=step, data_dir=data_dir)
     test = evaluate(state, exp.eval_data("test"), exp.eval_step)
     _say(out, _report_text(exp, test))
+    if "confusion" in test and _is_main():
+        path = plot_confusion(test["confusion"], os.path.join(os.path.abspath(run_dir), picture),
+                              exp.splits.class_names)
+        _say(out, f"confusion matrix: {path}")
     _say(out, f"test accuracy {test.get('accuracy', float('nan')):.4f} (checkpoint step {int(state.step)})")
     return test
 

@@ -174,7 +174,7 @@ def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
     """``flax.linen.max_pool``, with a fast gradient on CPU.
 
     Args:
-      inputs: (*batch, *spatial, C), e.g. (B, H, W, C); ``len(window_shape)`` spatial dims.
+      inputs: ``(*batch, *spatial, C)``, e.g. (B, H, W, C); ``len(window_shape)`` spatial dims.
       window_shape: window size per spatial dim.
       strides: stride per spatial dim (default 1).
       padding: ``"VALID"``, ``"SAME"`` or one ``(low, high)`` pair per spatial dim; padded
@@ -182,7 +182,7 @@ def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
       impl: ``"auto"``, ``"fast"`` or ``"native"`` (default: the process setting, see ``set_impl``).
 
     Returns:
-      (*batch, *out_spatial, C), equal to ``flax.linen.max_pool``. The fast path's gradient equals
+      ``(*batch, *out_spatial, C)``, equal to ``flax.linen.max_pool``. The fast path's gradient equals
       flax's too, ties included (the first maximal element of a window in row-major order gets
       it); for inputs holding NaN or windows that are all ``-inf`` it is unspecified. Integer
       inputs take the native path.
@@ -203,7 +203,7 @@ def avg_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
     """``flax.linen.avg_pool``, computed as a sum of strided slices on CPU.
 
     Args:
-      inputs: (*batch, *spatial, C); ``len(window_shape)`` spatial dims.
+      inputs: ``(*batch, *spatial, C)``; ``len(window_shape)`` spatial dims.
       window_shape: window size per spatial dim.
       strides: stride per spatial dim (default 1).
       padding: ``"VALID"``, ``"SAME"`` or one ``(low, high)`` pair per spatial dim (zeros).
@@ -212,7 +212,7 @@ def avg_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[i
       impl: ``"auto"``, ``"fast"`` or ``"native"`` (default: the process setting).
 
     Returns:
-      (*batch, *out_spatial, C): flax's average, up to the rounding of its float sums.
+      ``(*batch, *out_spatial, C)``: flax's average, up to the rounding of its float sums.
     """
     if not use_fast(impl) or not jnp.issubdtype(inputs.dtype, jnp.floating):
         return nn.avg_pool(inputs, window_shape=tuple(window_shape), strides=tuple(strides) if strides else None,
@@ -308,10 +308,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     and the input gradient are XLA's in both paths; the kernel gradient differs from XLA's only
     by the order of its float sums.
 
+    It takes ``lax.conv_general_dilated``'s arguments (``lhs`` to ``preferred_element_type``), and:
+
     Args:
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type: as
-        ``lax.conv_general_dilated``.
       impl: ``"auto"``, ``"fast"`` or ``"native"`` (default: the process setting).
     """
     nd = lhs.ndim - 2

@@ -7,7 +7,7 @@ kernel of any rank is seen as the matrix (product of all axes but the last, last
 a Dense kernel, a convolution's (kh * kw * in, out) and an attention projection's
 (embed [* heads], out); the model runs on the merged weights. Only the adapters train: the base
 weights enter the step under `stop_gradient` (their gradient is not even computed) and the
-optimizer state holds the adapters' moments only.
+optimizer state holds the adapters' moments only. In short::
 
   state = jnn.create_train_state(model, optax.adam(1e-3), x[:1], 0)      # or load_pretrained(...)
   lora = jnn.lora.LoRA(rank=4, alpha=8, targets=("Dense_\\\\d+/kernel$",))

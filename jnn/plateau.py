@@ -44,7 +44,7 @@ class Plateau:
       >>> plateau = jnn.optim.Plateau("accuracy", mode="max", factor=0.5, patience=2)
       >>> tx = optax.chain(optax.adam(1e-3), plateau.transform())
       >>> state = jnn.create_train_state(model, tx, x[:1], 0)
-      >>> result = jnn.fit(state, data, num_steps=1000, loss_fn="cross_entropy", eval_data=val,
+      >>> result = jnn.fit(state, data, num_steps=300, loss_fn="cross_entropy", eval_data=val,
       ...                  eval_every=100, plateau=plateau)
 
     Attributes:

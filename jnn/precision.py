@@ -10,6 +10,7 @@ way out, so the gradient reaches the float32 master parameters through the casts
 Casting the parameters is not enough when a model pins its computation dtype: a flax layer built
 with `dtype=jnp.float32` promotes bfloat16 parameters back to float32 and runs its matrix product
 in float32. Two rules follow (`in_compute_dtype`, `check_in_effect`):
+
 - A linen model with a floating `dtype` attribute (flax's convention for the dtype a model computes
   in and passes down to its layers, as in jnn's zoo and flax's examples) runs as a clone with
   `dtype=compute` in the step (`state.apply_fn` stays the user's module). Layers that pin float32
@@ -23,7 +24,7 @@ float16's range is narrow: small gradients underflow to zero. A float16 policy t
 the loss (`loss_scale="dynamic"`): the step multiplies the loss by the current scale and divides
 the gradients by it; when the gradients overflow the update is skipped (parameters, optimizer and
 model state bitwise unchanged), the scale halves and the step reports it; after `period` good
-steps in a row the scale doubles. bfloat16 has float32's range and needs none.
+steps in a row the scale doubles. bfloat16 has float32's range and needs none. In short::
 
   state = jnn.create_train_state(model, tx, x[:1], 0, precision="mixed_bf16")
   jnn train --set train.precision=mixed_f16

@@ -66,8 +66,9 @@ def per_example_grads(loss_fn: Callable | str, state: TrainState, batch: Batch, 
     the summed loss.
 
     Example:
-      >>> g = jnn.per_example_grads("cross_entropy", state, {"inputs": x, "labels": y})
-      >>> g["Dense_0"]["kernel"].shape   # (B, *kernel.shape)
+      >>> g = jnn.per_example_grads("cross_entropy", state, {"inputs": x[:8], "labels": y[:8]})
+      >>> g["Dense_0"]["kernel"].shape == (8, *state.params["Dense_0"]["kernel"].shape)
+      True
 
     Args:
       loss_fn: as in `make_train_step` (a callable or a `jnn.losses` name).
@@ -178,7 +179,7 @@ def create_ensemble(model: Any, tx: optax.GradientTransformation, example_inputs
       >>> states, metrics = step(states, batch)      # metrics["loss"].shape == (5,)
 
     Args:
-      model, tx, example_inputs, **init_kwargs: as in `create_train_state`.
+      model, tx, example_inputs: as in `create_train_state` (and its keyword arguments).
       rng: a key or int seed, split into K member keys.
       k: the number of members.
 

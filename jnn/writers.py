@@ -1,4 +1,5 @@
-"""Metric writers: JSON lines, TensorBoard event files (tensorboardX), PNG curves, console.
+"""Metric writers: JSON lines, TensorBoard event files (tensorboardX), PNG curves and confusion
+matrix, console, and the Weights & Biases and MLflow trackers (`WandbWriter`, `MlflowWriter`).
 
 Every writer has `write(step, metrics, split)` and `close()`; `MultiWriter` fans out to several.
 Values are host floats: the loop converts device metrics once per logging interval, not per step.
@@ -17,6 +18,7 @@ from typing import Mapping, Sequence, TextIO
 import numpy as np
 
 Scalars = Mapping[str, float]
+CONFUSION_FILE = "confusion.png"
 
 
 def scalars(metrics: Mapping[str, object]) -> dict[str, float]:
@@ -146,6 +148,103 @@ class CurvesWriter:
         self.flush()
 
 
+def confusion_figure(confusion, class_names: Sequence[str] | None = None, title: str | None = None):
+    """A matplotlib figure of a confusion matrix, each row normalised by its true class's count.
+
+    Rows are true classes, columns predicted ones (`jnn.metrics.confusion_matrix`'s layout). Up to
+    20 classes each cell shows its percentage; beyond, the colour alone, on a square-root scale so
+    that small confusions stay visible, with guide lines every 10 classes (every class stays
+    labelled, and the figure grows with the number of classes). A class without examples is a
+    blank row.
+
+    Args:
+      confusion: a (C, C) array of counts.
+      class_names: C labels (default: 0 .. C-1).
+      title: the figure's title (default: the number of examples and the accuracy).
+
+    Returns:
+      A `matplotlib.figure.Figure` (close it with `matplotlib.pyplot.close`).
+
+    Raises:
+      ValueError: `confusion` is not square, or `class_names` is not one name per class.
+    """
+    counts = np.asarray(confusion, np.float64)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"plot_confusion: expected a square (C, C) matrix of counts; got shape {counts.shape}.")
+    n = counts.shape[0]
+    names = [str(c) for c in (class_names if class_names is not None else range(n))]
+    if len(names) != n:
+        raise ValueError(f"plot_confusion: {len(names)} class names for {n} classes; expected one per class.")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    support = counts.sum(1, keepdims=True)
+    rates = np.divide(counts, support, out=np.full_like(counts, np.nan), where=support > 0)
+    total = counts.sum()
+    side = min(max(5.0, 0.16 * n + 3.0), 22.0)  # 10 classes: 5 in; 100: 19 in (~0.17 in per cell)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    # A square-root colour scale: a 5% confusion is visible next to a 95% diagonal.
+    image = ax.imshow(rates, cmap="Blues", norm=matplotlib.colors.PowerNorm(0.5, vmin=0.0, vmax=1.0),
+                      interpolation="nearest")
+    fontsize = 9 if n <= 20 else max(6.0, 10 - n / 25)  # 100 classes: 6 pt labels, 17-pixel cells
+    ax.set_xticks(range(n), names, rotation=90 if n > 10 or max(map(len, names)) > 3 else 0, fontsize=fontsize)
+    ax.set_yticks(range(n), names, fontsize=fontsize)
+    big = max(10.0, side / 1.6)  # titles that stay legible on the large figures of many classes
+    ax.set_xlabel("predicted class", fontsize=big)
+    ax.set_ylabel("true class", fontsize=big)
+    if n > 20:  # guide lines every 10 classes, to follow a row or column across the matrix
+        for k in range(10, n, 10):
+            ax.axhline(k - 0.5, color="0.6", linewidth=0.5)
+            ax.axvline(k - 0.5, color="0.6", linewidth=0.5)
+    else:
+        for i in range(n):
+            for j in range(n):
+                if rates[i, j] > 0:
+                    ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    accuracy = np.trace(counts) / total if total else float("nan")
+    ax.set_title(title or f"confusion matrix: {int(total)} examples, accuracy {accuracy:.4f}\n"
+                          f"each row: % of the true class's examples", fontsize=big)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("share of the true class")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion, path: str | os.PathLike, class_names: Sequence[str] | None = None,
+                   title: str | None = None) -> str:
+    """Writes `confusion_figure(confusion, class_names, title)` to the PNG `path` (atomically).
+
+    Returns:
+      `path`, as a string.
+    """
+    fig = confusion_figure(confusion, class_names, title)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)  # never leave a half-written PNG
+    return path
+
+
+class ConfusionWriter:
+    """Draws `confusion.png` from the test report (`split == "test"` with a `"confusion"` matrix)."""
+
+    def __init__(self, path: str | os.PathLike, class_names: Sequence[str] | None = None):
+        self.path = os.fspath(path)
+        self.class_names = class_names
+
+    def write(self, step: int, metrics: Mapping, split: str = "train") -> None:
+        if split == "test" and "confusion" in metrics:
+            plot_confusion(metrics["confusion"], self.path, self.class_names)
+
+    def close(self) -> None:
+        pass
+
+
 class ConsoleWriter:
     """One line per write, e.g. `[eval] step 200  loss 0.0412  accuracy 0.9889`."""
 
@@ -197,8 +296,10 @@ class MultiWriter:
 
 
 def make_run_writers(run_dir: str | os.PathLike, *, tensorboard: bool = True, png: bool = True,
-                     console: bool = False, resume_step: int | None = None) -> MultiWriter:
-    """The standard writers of a run directory: metrics.jsonl, tb/ event files, curves.png.
+                     console: bool = False, resume_step: int | None = None,
+                     class_names: Sequence[str] | None = None) -> MultiWriter:
+    """The standard writers of a run directory: metrics.jsonl, tb/ event files, curves.png, and
+    confusion.png (drawn from a test report's confusion matrix, with `class_names`).
 
     A run directory that already has a metrics.jsonl (a resumed run) keeps it and appends. A run
     killed after its last checkpoint logged steps that the resumed run trains and logs again, so
@@ -216,6 +317,7 @@ def make_run_writers(run_dir: str | os.PathLike, *, tensorboard: bool = True, pn
         writers.append(TensorBoardWriter(os.path.join(run_dir, "tb"), purge_step=purge))
     if png:
         writers.append(CurvesWriter(os.path.join(run_dir, "curves.png"), history))
+        writers.append(ConfusionWriter(os.path.join(run_dir, CONFUSION_FILE), class_names))
     if console:
         writers.append(ConsoleWriter())
     return MultiWriter(writers)
@@ -232,3 +334,17 @@ def _last_attempts(records: Sequence[Mapping]) -> list[Mapping]:
         last[split] = step
         kept.append(record)
     return kept
+
+
+def __getattr__(name: str):
+    """`jnn.writers.WandbWriter` / `MlflowWriter`: defined in `jnn.trackers`, imported on first use."""
+    if name in ("WandbWriter", "MlflowWriter"):
+        from jnn import trackers
+
+        return getattr(trackers, name)
+    raise AttributeError(f"module 'jnn.writers' has no attribute {name!r}")
+
+
+__all__ = ["CONFUSION_FILE", "ConfusionWriter", "ConsoleWriter", "CurvesWriter", "JsonlWriter", "MlflowWriter",
+           "MultiWriter", "TensorBoardWriter", "WandbWriter", "confusion_figure", "make_run_writers", "plot_confusion",
+           "preload", "read_jsonl", "scalars"]

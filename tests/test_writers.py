@@ -1,9 +1,10 @@
-"""Run-directory writers: JSON lines, TensorBoard event files (read back), PNG curves."""
+"""Run-directory writers: JSON lines, TensorBoard event files (read back), PNG curves and confusion matrix."""
 import glob
 import struct
 
 import matplotlib.image
 import numpy as np
+import pytest
 
 from jnn import writers
 
@@ -109,3 +110,39 @@ def _read_events(logdir):
             out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
             pos += 12 + length + 4
     return out
+
+
+def test_confusion_figure_normalises_rows_and_labels_every_class():
+    import matplotlib.pyplot as plt
+
+    confusion = np.array([[8, 2, 0], [1, 3, 0], [0, 0, 0]])  # class "c" has no example: a blank row
+    fig = writers.confusion_figure(confusion, ["a", "b", "c"])
+    ax = fig.axes[0]
+    rates = np.ma.filled(ax.images[0].get_array(), np.nan)
+    np.testing.assert_allclose(rates[:2], [[0.8, 0.2, 0.0], [0.25, 0.75, 0.0]])
+    assert np.isnan(rates[2]).all()
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names == [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+    assert sorted(t.get_text() for t in ax.texts) == ["20", "25", "75", "80"]  # percentages of the row
+    assert "14 examples, accuracy 0.7857" in ax.get_title()
+    plt.close(fig)
+    big = writers.confusion_figure(np.eye(100, dtype=int) * 5, [f"class {i}" for i in range(100)])
+    ax = big.axes[0]
+    assert len(ax.get_xticklabels()) == 100 and not ax.texts  # every class labelled, no cell text
+    assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 6 and big.get_size_inches()[1] >= 18
+    plt.close(big)
+    with pytest.raises(ValueError, match=r"expected a square \(C, C\) matrix of counts; got shape \(2, 3\)"):
+        writers.confusion_figure(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="2 class names for 3 classes; expected one per class"):
+        writers.confusion_figure(np.eye(3), ["a", "b"])
+
+
+def test_run_writers_draw_the_test_confusion_matrix(tmp_path):
+    w = writers.make_run_writers(tmp_path, tensorboard=False, class_names=["x", "y"])
+    w.write(5, {"loss": 1.0}, "eval")
+    assert not (tmp_path / "confusion.png").exists()  # only the test report has one
+    w.write(5, {"accuracy": 0.5, "confusion": np.array([[1, 1], [1, 1]])}, "test")
+    w.close()
+    image = matplotlib.image.imread(tmp_path / writers.CONFUSION_FILE)
+    assert image.shape[:2] == (500, 600)  # 10 classes or fewer: a 6 x 5 inch figure at 100 dpi

@@ -45,7 +45,7 @@ class Pipeline:
       >>> batch = next(it)                                      # {"inputs": (128, 8, 8, 1), ...}
       >>> state = it.get_state()                                # {"next_index": 1}
       >>> it2 = iter(train); it2.set_state(state)               # next(it2) == next(it)
-      >>> for batch in Pipeline(splits.test, 256, train=False): ...   # one ordered pass
+      >>> for batch in Pipeline(splits.test, 256, train=False): pass   # one ordered pass
 
     Multi-host: each process passes its own `shard_index` (default `jax.process_index()`) and gets
     `batch_size` examples per step, disjoint from every other process's; the global batch is

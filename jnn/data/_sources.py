@@ -39,12 +39,13 @@ def load(
     """Loads a data set by name with deterministic train/val/test splits.
 
     Names:
-      "digits": scikit-learn's bundled 8x8 digits (no files needed).
-      "mnist": IDX files in `data_dir`. "cifar10": batches in `data_dir`.
-      "npz:<path>" (or "npz" with `data_dir` the file): see `load_npz` for keys and `options`.
-      "synthetic": random data; `options` such as `input_shape=(28, 28, 1)`, `num_examples`.
-      "text" / "text:<path>" (or `data_dir` the file): characters as tokens; `seq_len` option.
-        Without a path, the Python standard library's source is the text.
+
+    - "digits": scikit-learn's bundled 8x8 digits (no files needed).
+    - "mnist": IDX files in `data_dir`. "cifar10": batches in `data_dir`.
+    - "npz:<path>" (or "npz" with `data_dir` the file): see `load_npz` for keys and `options`.
+    - "synthetic": random data; `options` such as `input_shape=(28, 28, 1)`, `num_examples`.
+    - "text" / "text:<path>" (or `data_dir` the file): characters as tokens; `seq_len` option.
+      Without a path, the Python standard library's source is the text.
 
     Args:
       name: one of the names above.

@@ -24,11 +24,11 @@ LATENT_RNG = "latent"
 class VAE(nn.Module):
     """MLP variational autoencoder with a diagonal Gaussian posterior.
 
-    Input: (B, *image_shape) floats in [0, 1], NHWC. Output: a tuple
+    Input: ``(B, *image_shape)`` floats in [0, 1], NHWC. Output: a tuple
     ``(reconstruction_logits (B, *image_shape), mean (B, latent_dim), logvar (B, latent_dim))``.
 
-    With ``train=True`` the latent is sampled by reparameterisation, ``z = mean + exp(logvar / 2)
-    * eps``, with ``eps`` drawn from the rng stream ``"latent"``: pass
+    With ``train=True`` the latent is sampled by reparameterisation,
+    ``z = mean + exp(logvar / 2) * eps``, with ``eps`` drawn from the rng stream ``"latent"``: pass
     ``rngs={"latent": key}`` to ``apply``. With ``train=False`` the decoder reads ``z = mean``, so
     evaluation is deterministic and needs no rng. ``decode`` maps latents to image logits (apply
     it with ``method=VAE.decode`` to generate from the prior).

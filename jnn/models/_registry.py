@@ -6,7 +6,9 @@ describes its input so the CLI and the tests can build example batches for any m
 Example:
   >>> model = jnn.models.get("resnet20", num_classes=100, dtype=jnp.bfloat16)
   >>> x = jnn.models.example_input("resnet20", batch_size=8)  # (8, 32, 32, 3) float32
-  >>> variables = model.init(jax.random.key(0), x)
+  >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only: nothing computed
+  >>> variables["params"]["head"]["kernel"].shape
+  (64, 100)
 """
 from __future__ import annotations
 
@@ -215,7 +217,10 @@ def input_spec(name: str, batch_size: int = 2, **overrides: Any) -> jax.ShapeDty
     """Shape and dtype of a batch for a preset (with the same overrides as ``get``).
 
     Example:
-      >>> jax.eval_shape(model.init, jax.random.key(0), input_spec("gpt2_small", 1))
+      >>> jnn.models.input_spec("gpt2_small", 1)
+      ShapeDtypeStruct(shape=(1, 1024), dtype=int32)
+      >>> shapes = jax.eval_shape(jnn.models.get("gpt2_small").init, jax.random.key(0),
+      ...                         jnn.models.input_spec("gpt2_small", 1))  # nothing allocated
     """
     s = spec(name)
     shape = s.input_shape(get(name, **overrides))

@@ -16,8 +16,13 @@ def sample(apply_fn: Callable[..., jax.Array], variables: Any, prompt: Any, num_
     GPT, T must not exceed its `block_size`); all steps run in one `jax.lax.fori_loop`.
 
     Example:
-      >>> tokens = jnn.models.sample(state.apply_fn, state.variables, prompt, 200,
+      >>> lm = jnn.create_train_state(jnn.models.get("gpt_char_tiny"), optax.adam(1e-3),
+      ...                             np.zeros((1, 64), np.int32), 0)
+      >>> prompt = np.array([20, 27, 1, 14, 17], np.int32)  # any tokens below the vocabulary size
+      >>> tokens = jnn.models.sample(lm.apply_fn, lm.variables, prompt, 20,
       ...                            rng=jax.random.key(0), temperature=0.8)
+      >>> tokens.shape, tokens.dtype
+      ((20,), dtype('int32'))
 
     Args:
       apply_fn: the model's `apply` (e.g. `state.apply_fn`), called in eval mode.

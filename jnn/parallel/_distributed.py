@@ -49,8 +49,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     `auto_detect`, which lets JAX detect other environments (TPU pods). On CPU the cross-process
     collectives use gloo.
 
-    Example:
-      >>> jnn.parallel.initialize("10.0.0.1:1234", num_processes=2, process_id=0, timeout_s=60)
+    Example (not run by the docs' tests: it waits for the other host):
+      >>> jnn.parallel.initialize("10.0.0.1:1234", num_processes=2, process_id=0,
+      ...                         timeout_s=60)  # doctest: +SKIP
 
     Args:
       coordinator_address: "host:port" where process 0 listens.
@@ -148,9 +149,9 @@ def stop_all_on_failure(what: str = "jnn", *, hint: str = "") -> Iterator[None]:
     stderr and exits with `PEER_EXIT_CODE`; the other processes then fail at their next
     collective and do the same. Outside a multi-process run it changes nothing.
 
-    Example:
+    Example (not run by the docs' tests: `train(args)` stands for your training function):
       >>> with jnn.parallel.stop_all_on_failure("train.py", hint="Resume with --resume."):
-      ...     train(args)
+      ...     train(args)  # doctest: +SKIP
 
     Args:
       what: the program name that starts the line.

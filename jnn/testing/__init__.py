@@ -10,6 +10,9 @@ line.
 Example:
   >>> report = jnn.testing.check_model(MyModel(), x[:16], y[:16], loss_fn="cross_entropy")
   >>> print(report)                      # one line per check: passed, or not applicable and why
+  output_shapes...passed...outputs (16, 10), the same in training and evaluation
+  ...
+  params_get_gradients...passed...all 4 parameter arrays get a gradient
 
 What each check catches, and what none of them can, is tabulated in the README ("Testing your own
 model") and proven by `tests/test_testing_mutations.py`, which plants those bugs.
@@ -152,7 +155,8 @@ def check_model(model: Any, inputs: Any, labels: Any, *, loss_fn: Any = "cross_e
     """Runs the checks of `CHECKS` on a model, one batch and its loss.
 
     Example:
-      >>> jnn.testing.check_model(MyModel(), x[:16], y[:16], loss_fn="cross_entropy")
+      >>> jnn.testing.check_model(MyModel(), x[:16], y[:16], loss_fn="cross_entropy").passed
+      True
 
     Args:
       model: a flax.linen or flax.nnx module (nnx: already initialised; it is not changed).

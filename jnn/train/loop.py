@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jnn import compiler
+from jnn.profiling import StepProfiler
 from jnn.train import preemption as preemption_lib
 from jnn.train.early_stopping import EarlyStopping
 from jnn.train.evaluation import evaluate, pad_batch  # noqa: F401 - jnn.train.loop.pad_batch
@@ -140,6 +141,7 @@ def fit(
     max_traces: int | None = None,
     plateau: Any = None,
     preemption: bool = True,
+    profile: Any = None,
 ) -> FitResult:
     """Trains `state` until `num_steps` (counting from step 0), evaluating and checkpointing.
 
@@ -191,6 +193,8 @@ def fit(
         then KeyboardInterrupt (see `jnn.train.preemption`; main thread only). In a multi-process
         run all processes stop at the same step (they agree every 10 steps). False: signals act
         as usual.
+      profile: a `jnn.profiling.Profile`: a `jax.profiler` trace of its steps into its `logdir`
+        (printed when written); the steps must lie in this call's run.
 
     Returns:
       A `FitResult` with the final state, the history of logged records, the best evaluation and
@@ -205,6 +209,9 @@ def fit(
     eval_every = eval_every or max(num_steps // 10, 1)
     data = _TrainData(train_data, data_state, early_stopping, max_traces)
     step = int(jax.device_get(state.step))
+    if profile is not None:
+        profile.check(step, num_steps if stop_at is None else min(stop_at, num_steps))
+    profiler = StepProfiler(profile)
     log = _Log(writer, step,
                NonFiniteGuard(on_nonfinite, max_nonfinite) if on_nonfinite != "apply" else None)
     last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
@@ -227,8 +234,10 @@ def fit(
             if signalled:
                 break
             position, batch = data.next(state, step, num_steps)
-            state, metrics = train_step(state, batch)
+            with profiler.step(step):
+                state, metrics = train_step(state, batch)
             step += 1
+            profiler.after(step, state)
             data.advance()
             log.train(step, position, metrics, bar, flush=step % log_every == 0 or step == end,
                       batch_size=data.batch_size)
@@ -253,6 +262,7 @@ def fit(
             print(f"fit: interrupted; could not save a checkpoint at step {step}: {err}", file=sys.stderr)
         raise
     finally:
+        profiler.close()
         bar.close()
         if checkpointer is not None:
             checkpointer.wait()

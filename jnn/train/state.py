@@ -80,7 +80,7 @@ class TrainState(struct.PyTreeNode):
 
     Attributes:
       step: scalar int32 step counter.
-      params: trainable parameters (linen's "params" collection; an nnx module's `nnx.Param`s),
+      params: trainable parameters (linen's "params" collection; an nnx module's `nnx.Param` variables),
         as nested dicts of arrays.
       opt_state: the optax optimizer state.
       model_state: the model's other variables (linen: collections such as `{"batch_stats": ...}`;
@@ -359,7 +359,8 @@ def abstract_train_state(
 
     Example:
       >>> shapes = jnn.abstract_train_state(model, optax.adam(1e-3), x[:1], 0)
-      >>> shapes.params["Dense_0"]["kernel"].shape
+      >>> shapes.params["Dense_0"]["kernel"]  # the model's first Dense layer, on flattened 8x8 digits
+      ShapeDtypeStruct(shape=(64, 64), dtype=float32)
     """
     init = _initializer(model, tx, example_inputs, rng, init_kwargs, train_kwarg, rng_streams)
     parts = jax.eval_shape(init.fn, *init.args)
