@@ -59,12 +59,8 @@ def probe(directory: str, what: str = "run directory") -> None:
 
 
 class Claim:
-    """This process's claim on `directory`, held until `release()` (or the process ends).
-
-    Example:
-      >>> with Claim(run_dir, "run directory", "jnn train"):
-      ...     ...  # write the run
-    """
+    """This process's claim on `directory`, held until `release()` (or the process ends); also a
+    context manager (`with Claim(run_dir): ...`)."""
 
     def __init__(self, directory: str | os.PathLike, what: str = "run directory", command: str = ""):
         self.directory = os.path.abspath(os.fspath(directory))
