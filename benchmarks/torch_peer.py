@@ -106,9 +106,11 @@ def build_models(torch):
     class GPT(nn.Module):
         """nanoGPT's model: learned positions, pre-LN blocks, tied output head."""
 
-        def __init__(self, vocab_size, block_size, num_layers, num_heads, embed_dim):
+        def __init__(self, vocab_size, block_size, num_layers, num_heads, embed_dim, vocab_multiple=1):
             super().__init__()
-            self.wte, self.wpe = nn.Embedding(vocab_size, embed_dim), nn.Embedding(block_size, embed_dim)
+            self.vocab_size = vocab_size  # the table has `rows` (padded, as jnn's GPT(vocab_multiple=...))
+            rows = -(-vocab_size // vocab_multiple) * vocab_multiple
+            self.wte, self.wpe = nn.Embedding(rows, embed_dim), nn.Embedding(block_size, embed_dim)
             self.blocks = nn.ModuleList(GPTBlock(embed_dim, num_heads) for _ in range(num_layers))
             self.ln_f = nn.LayerNorm(embed_dim)
             for p in self.parameters():
@@ -122,7 +124,7 @@ def build_models(torch):
             x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
             for blk in self.blocks:
                 x = blk(x)
-            return self.ln_f(x) @ self.wte.weight.t()  # (B, T, V)
+            return (self.ln_f(x) @ self.wte.weight.t())[..., :self.vocab_size]  # (B, T, V)
 
     class LSTM(nn.Module):
         def __init__(self, vocab_size, embed_dim, hidden_size, num_layers):

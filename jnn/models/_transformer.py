@@ -116,6 +116,10 @@ class GPT(nn.Module):
       use_bias: biases in projections and LayerNorms (nanoGPT's ``bias``).
       attention_impl: ``None``, ``"xla"``, ``"cudnn"`` (``jax.nn.dot_product_attention``) or
         ``"reference"`` (explicit softmax).
+      vocab_multiple: pad the token table and the output head to a multiple of this many rows
+        (e.g. 128: GPT-2's 50,257 -> 50,304, as nanoGPT does), which GPUs' matrix units multiply
+        faster; the logits are sliced back to ``vocab_size``, so the outputs, the loss and
+        sampling are those of the unpadded model (the extra rows never get a gradient).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -131,18 +135,22 @@ class GPT(nn.Module):
     tie_embeddings: bool = True
     use_bias: bool = True
     attention_impl: str | None = None
+    vocab_multiple: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_tokens("GPT", x, self.block_size)
+        if self.vocab_multiple < 1:
+            raise ValueError(f"GPT vocab_multiple must be >= 1, received {self.vocab_multiple}.")
+        rows = -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple  # padded vocabulary
         if self.positions not in POSITIONS:
             raise ValueError(f"GPT positions must be one of {POSITIONS}, "
                              f"received {self.positions!r}.")
         t = x.shape[1]
         init = nn.initializers.normal(0.02)
-        wte = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=init, dtype=self.dtype,
+        wte = nn.Embed(rows, self.embed_dim, embedding_init=init, dtype=self.dtype,
                        param_dtype=self.param_dtype, name="wte")
         h = wte(x)  # (B, T, C)
         if self.positions == "learned":
@@ -161,11 +169,11 @@ class GPT(nn.Module):
         h = nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="ln_f")(h)
         if self.tie_embeddings:
-            logits = wte.attend(h)  # (B, T, V)
+            logits = wte.attend(h)  # (B, T, rows)
         else:
-            logits = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init,
+            logits = nn.Dense(rows, use_bias=False, kernel_init=init,
                               dtype=self.dtype, param_dtype=self.param_dtype, name="lm_head")(h)
-        return logits.astype(output_dtype(self.dtype))
+        return logits[..., :self.vocab_size].astype(output_dtype(self.dtype))  # (B, T, V)
 
 
 class TransformerClassifier(nn.Module):

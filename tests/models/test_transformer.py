@@ -186,3 +186,34 @@ def test_attention_default_implementation_per_backend(monkeypatch):
     x = jnp.ones((1, 4, 8), jnp.bfloat16)
     zh.apply(attn, zh.init(attn, x), x)
     assert seen and set(seen) == {"cudnn"}
+
+
+def test_gpt_vocab_padding_leaves_outputs_loss_and_gradients_unchanged():
+    """GPT(vocab_multiple=m) pads the token table and head to a multiple of m rows and slices the
+    logits back: with the same weights in the first vocab_size rows, the same logits, loss and
+    gradients as the unpadded model; the padding rows get no gradient."""
+    import jax
+    import numpy as np
+    import optax
+
+    from jnn.models import GPT
+
+    kw = dict(vocab_size=100, block_size=16, num_layers=1, num_heads=2, embed_dim=32)
+    plain, padded = GPT(**kw), GPT(**kw, vocab_multiple=64)
+    x = np.random.default_rng(0).integers(0, 100, size=(4, 16)).astype(np.int32)
+    params = plain.init(jax.random.key(0), x)["params"]
+    pad = padded.init(jax.random.key(1), x)["params"]
+    assert pad["wte"]["embedding"].shape == (128, 32)
+    pad = {**params, "wte": {"embedding": np.concatenate([params["wte"]["embedding"], pad["wte"]["embedding"][100:]])}}
+
+    def loss(p, model):
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean(), logits
+
+    (want, want_logits), want_grads = jax.value_and_grad(loss, has_aux=True)(params, plain)
+    (got, got_logits), got_grads = jax.value_and_grad(loss, has_aux=True)(pad, padded)
+    assert got_logits.shape == (4, 16, 100)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_grads["wte"]["embedding"][:100], want_grads["wte"]["embedding"], rtol=1e-5, atol=1e-7)
+    assert not np.any(got_grads["wte"]["embedding"][100:])  # the padding rows never learn
