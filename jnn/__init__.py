@@ -3,6 +3,10 @@
 flax models (linen or nnx), optax optimizers and one pure train step `(state, batch) -> (state, metrics)`
 that the caller compiles with `jax.jit`, batches with `jax.vmap`, or spreads over devices.
 """
+from jnn import compiler as _compiler
+
+_compiler.set_process_default()  # before anything can start JAX's backends: XLA reads its flags once
+
 from jnn import (adversarial, config, data, layers, lora, losses, metrics, models, optim, parallel, precision,
                  predict, presets, pruning, quantize, testing, transfer, vmap, writers)
 from jnn.checkpoint import Checkpointer, CheckpointError

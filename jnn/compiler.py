@@ -7,12 +7,16 @@ ResNet-20 at batch 128 (`benchmarks/README.md`). `compiler_options()` keeps XLA'
 fusions (matrix products and reductions) and drops the convolutions. The options only change
 which kernels run: values are equal up to the order of float sums.
 
-`jnn.jit` is `jax.jit` with those options, and while it traces, `jnn.layers` know the program is
-compiled with them (`options_active()`), so `layers.Conv` takes the formulation that is fastest
-under them. jnn compiles its own steps with it (`fit`, `evaluate`, `jnn train`,
-`jnn.parallel`); a step you compile yourself gets the same by calling `jnn.jit` instead of
-`jax.jit`. Elsewhere (GPU, TPU, another jaxlib, or `xla_cpu_experimental_ynn_fusion_type` already
-in `XLA_FLAGS`) the options are empty and `jnn.jit` is `jax.jit`.
+Process default: `import jnn` adds the option to `XLA_FLAGS` when JAX's backends are not yet
+initialised (the usual order: imports first), so every program of the process gets it, compiled
+with `jax.jit` or `jnn.jit`, jnn's steps or a user's own flax model; `jnn.layers` then take their
+fastest formulation under plain `jax.jit` too (`options_active()`). Opt out with
+`JNN_XLA_DEFAULTS=0` before `import jnn`; `process_default()` says whether it is in effect.
+Imported after JAX has run something, jnn cannot change the process's flags: then `jnn.jit` is
+`jax.jit` with those options, and while it traces, `jnn.layers` know the program is compiled with
+them. jnn compiles its own steps with it (`fit`, `evaluate`, `jnn train`, `jnn.parallel`).
+Elsewhere (GPU, TPU, another jaxlib, or `xla_cpu_experimental_ynn_fusion_type` set in `XLA_FLAGS`
+by the user) the options are empty and `jnn.jit` is `jax.jit`.
 
 Example:
   >>> import jax, jnn, optax
@@ -38,6 +42,51 @@ _CPU_OPTIONS = {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TY
 # The jaxlib versions whose defaults the list above was measured against: [low, high).
 _MEASURED_JAXLIB = ((0, 10), (0, 11))
 _active: contextvars.ContextVar[bool] = contextvars.ContextVar("jnn_compiler_options", default=False)
+
+
+_OPT_OUT = "JNN_XLA_DEFAULTS"
+
+
+def _flag_value() -> str | None:
+    """The value `XLA_FLAGS` gives the YNNPACK option, or None."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith(f"--{_YNN_FLAG}="):
+            return flag.split("=", 1)[1]
+    return None
+
+
+def set_process_default() -> bool:
+    """Adds jnn's CPU option to `XLA_FLAGS` for the whole process (called by `import jnn`).
+
+    Only while JAX's backends are not initialised (XLA reads its flags once, at that moment),
+    with a jaxlib whose defaults were measured, unless `XLA_FLAGS` already sets the option or
+    `JNN_XLA_DEFAULTS=0`. The flag is read by XLA's CPU compiler only; other backends ignore it.
+
+    Returns:
+      Whether the option is now the process's default.
+    """
+    if os.environ.get(_OPT_OUT, "1").lower() in ("0", "off", "false", "no") or _flag_value() is not None:
+        return process_default()
+    try:
+        from jax._src import xla_bridge  # noqa: PLC0415 - the one public-enough probe of "initialised"
+
+        if xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):
+        return False
+    import jaxlib  # noqa: PLC0415
+
+    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
+    if not _MEASURED_JAXLIB[0] <= version < _MEASURED_JAXLIB[1]:
+        return False
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                     f"--{_YNN_FLAG}={_CPU_OPTIONS[_YNN_FLAG]}"]))
+    return True
+
+
+def process_default() -> bool:
+    """Whether every CPU program of this process is compiled with jnn's option (via `XLA_FLAGS`)."""
+    return _flag_value() == _CPU_OPTIONS[_YNN_FLAG]
 
 
 def compiler_options(backend: str | None = None) -> dict[str, str]:
@@ -66,8 +115,9 @@ def _supported() -> bool:
 
 
 def options_active() -> bool:
-    """Whether the function being traced now will be compiled with `compiler_options()`."""
-    return _active.get()
+    """Whether the function being traced now will be compiled with jnn's CPU option: under
+    `jnn.jit`, or anywhere on CPU when it is the process default."""
+    return _active.get() or (process_default() and jax.default_backend() == "cpu")
 
 
 @contextlib.contextmanager

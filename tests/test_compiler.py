@@ -1,7 +1,16 @@
-"""`jnn.jit`: jax.jit with jnn's XLA options, and the convolution formulation that goes with them."""
+"""jnn's XLA CPU option: the process default that `import jnn` sets (any `jax.jit` gets it), the
+per-call `jnn.jit` when JAX started first, and the convolution formulation that goes with them.
+
+conftest imports jnn before JAX runs anything, as users do: in this process the option is the
+process default. The per-call path runs in a subprocess that starts JAX first (or opts out).
+"""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import chex
 import jax
@@ -20,42 +29,85 @@ def _random(shape, seed=0, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
 
 
-def test_options_on_cpu_only_and_never_over_xla_flags(monkeypatch):
+VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_import_jnn_makes_the_option_the_process_default():
     assert jax.default_backend() == "cpu"
-    assert jnn.compiler_options() == {OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-    assert jnn.compiler_options("gpu") == {} and jnn.compiler_options("tpu") == {}
-    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=2 --{OPTION}=LIBRARY_FUSION_TYPE_REDUCE")
-    assert jnn.compiler_options() == {}  # the user's own setting wins
+    assert f"--{OPTION}={VALUE}" in os.environ["XLA_FLAGS"].split()
+    assert compiler.process_default() and compiler.options_active()  # any CPU program, jax.jit too
+    assert jnn.compiler_options() == {}  # nothing to add per call: XLA has it
+
+
+def test_the_process_default_is_set_only_before_jax_starts_and_never_over_the_user(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert compiler.set_process_default() is False  # JAX's backends are running in this process
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setenv("XLA_FLAGS", f"--{OPTION}=LIBRARY_FUSION_TYPE_REDUCE")
+    assert compiler.set_process_default() is False and jnn.compiler_options() == {}  # the user's own wins
+    assert not compiler.process_default()
+
+
+PER_CALL = textwrap.dedent(r"""
+    import os, re, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    if sys.argv[1] == "jax-first":
+        jax.numpy.zeros(1)  # JAX's backends start before jnn is imported: too late for a process default
+    import jnn
+    from jnn import compiler, models
+    from tests.test_compiler import OPTION, VALUE, _random, _resnet_state, _ynn_convolutions
+    assert not compiler.process_default() and OPTION not in os.environ.get("XLA_FLAGS", "")
+    assert jnn.compiler_options() == {OPTION: VALUE} and jnn.compiler_options("gpu") == {}
+    seen = []
+    def f(x, y):
+        seen.append(compiler.options_active())
+        return x * 2 + y
+    assert not compiler.options_active()
+    g = jnn.jit(f, static_argnums=1)
+    assert float(g(jnp.float32(1.0), 3)) == 5.0 and seen == [True] and not compiler.options_active()
+    text = jnn.jit(f, static_argnums=1, compiler_options={OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}).lower(
+        jnp.ones(3), 1).compile().as_text()  # the caller's compiler_options win over jnn's entry
+    x, g = _random((32, 32, 32, 16)), _random((32, 32, 32, 16), 1)  # smaller ones stay out of YNNPACK
+    def kernel_grad(x, g):
+        conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.vjp(conv, jnp.zeros((3, 3, 16, 16)))[1](g)[0]
+    assert _ynn_convolutions(jax.jit(kernel_grad).lower(x, g).compile().as_text())  # jaxlib's default
+    assert not _ynn_convolutions(jnn.jit(kernel_grad).lower(x, g).compile().as_text())
+    np.testing.assert_allclose(jnn.jit(kernel_grad)(x, g), jax.jit(kernel_grad)(x, g), rtol=1e-4, atol=1e-3)
+    state, batch = _resnet_state()
+    step = jnn.make_train_step("cross_entropy")
+    assert len(re.findall(r" conditional\(", jnn.jit(step).lower(state, batch).compile().as_text())) >= 5
+    assert len(re.findall(r" conditional\(", jax.jit(step).lower(state, batch).compile().as_text())) <= 1  # the guard
+    print("per-call ok")
+""")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("how", ["jax-first", "opt-out"])
+def test_per_call_options_when_the_default_is_not_in_effect(how):
+    """JAX started before `import jnn` (or JNN_XLA_DEFAULTS=0): `jnn.jit` adds the option per call,
+    jax.jit does not."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               **({"JNN_XLA_DEFAULTS": "0"} if how == "opt-out" else {}))
+    done = subprocess.run([sys.executable, "-c", PER_CALL, how], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "per-call ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_options_need_a_measured_jaxlib(monkeypatch):
     import jaxlib
 
     compiler._supported.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(jaxlib, "__version__", "0.11.0")
     try:
         assert jnn.compiler_options() == {}
     finally:
         monkeypatch.undo()
         compiler._supported.cache_clear()
-    assert jnn.compiler_options() != {}
-
-
-def test_jit_traces_with_options_active_and_keeps_arguments():
-    seen = []
-
-    def f(x, y):
-        seen.append(compiler.options_active())
-        return x * 2 + y
-
-    assert not compiler.options_active()
-    g = jnn.jit(f, static_argnums=1)
-    assert float(g(jnp.float32(1.0), 3)) == 5.0 and seen == [True]
-    assert not compiler.options_active()
-    # the caller's compiler_options win over jnn's entry
-    text = jnn.jit(f, static_argnums=1, compiler_options={OPTION: "LIBRARY_FUSION_TYPE_REDUCE"}).lower(
-        jnp.ones(3), 1).compile().as_text()
-    assert "x" in text and seen == [True, True]
 
 
 def test_materialized_is_the_identity():
@@ -106,25 +158,24 @@ def _ynn_convolutions(hlo: str) -> list[str]:
             and " convolution(" in bodies.get(re.search(r"calls=(%[\w.\-]+)", line).group(1), "")]
 
 
-def test_no_convolution_runs_in_ynnpack():
+def test_no_convolution_runs_in_ynnpack_under_plain_jax_jit():
     x, g = _random((32, 32, 32, 16)), _random((32, 32, 32, 16), 1)  # smaller ones stay out of YNNPACK
 
     def kernel_grad(x, g):
         conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return jax.vjp(conv, jnp.zeros((3, 3, 16, 16)))[1](g)[0]
 
-    assert _ynn_convolutions(jax.jit(kernel_grad).lower(x, g).compile().as_text())  # jaxlib's default
+    assert not _ynn_convolutions(jax.jit(kernel_grad).lower(x, g).compile().as_text())  # the process default
     assert not _ynn_convolutions(jnn.jit(kernel_grad).lower(x, g).compile().as_text())
-    np.testing.assert_allclose(jnn.jit(kernel_grad)(x, g), jax.jit(kernel_grad)(x, g), rtol=1e-4, atol=1e-3)
 
 
-def test_compiled_step_reads_conv_inputs():
+def test_compiled_step_reads_conv_inputs_under_either_jit():
     """Each conv input is a conditional's output, so the kernel gradient's transpose reads it
     instead of recomputing BatchNorm, ReLU and the residual sums (what makes the step fast)."""
     state, batch = _resnet_state()
     step = jnn.make_train_step("cross_entropy")
-    assert len(re.findall(r" conditional\(", jnn.jit(step).lower(state, batch).compile().as_text())) >= 5
-    assert not re.findall(r" conditional\(", jax.jit(step).lower(state, batch).compile().as_text())
+    for jit in (jnn.jit, jax.jit):
+        assert len(re.findall(r" conditional\(", jit(step).lower(state, batch).compile().as_text())) >= 5
 
 
 def test_native_switch_keeps_xla_graph_under_jnn_jit():

@@ -102,8 +102,21 @@ def test_max_pool_ties_route_the_gradient_as_xla_does(window, strides, padding):
     chex.assert_trees_all_equal(fast, _value_and_vjp(lambda x: nn.max_pool(x, window, strides, padding), x, ct))
 
 
+@pytest.fixture(params=["materialized", "taps"])
+def conv_path(request, monkeypatch):
+    """The two CPU formulations of `layers.Conv`'s kernel gradient: XLA's own from a materialized
+    input (jnn's XLA option in effect: the process default `import jnn` sets), and the per-tap
+    products (a process where JAX started before jnn, so the option is not in effect)."""
+    from jnn import compiler
+
+    if request.param == "taps":
+        monkeypatch.setattr(compiler, "process_default", lambda: False)
+    assert compiler.options_active() == (request.param == "materialized")
+    return request.param
+
+
 @pytest.mark.parametrize("shape,kernel_size,strides,padding", CONV_CASES)
-def test_conv_matches_flax_float64(shape, kernel_size, strides, padding):
+def test_conv_matches_flax_float64(shape, kernel_size, strides, padding, conv_path):
     with jax.enable_x64(True):
         x = _random(shape)
         kwargs = {"features": 5, "kernel_size": kernel_size, "strides": strides, "padding": padding,
@@ -122,7 +135,7 @@ def test_conv_matches_flax_float64(shape, kernel_size, strides, padding):
                                     atol=tol.GRAD_CHECK_ATOL)
 
 
-def test_conv_check_grads_float64():
+def test_conv_check_grads_float64(conv_path):
     # Forward and reverse mode (a custom JVP keeps jax.jvp and jacfwd working), through both
     # kernel-gradient formulations.
     with jax.enable_x64(True):
@@ -158,7 +171,13 @@ def test_native_path_is_flax():
     with layers.using("native"):
         jaxpr = jax.make_jaxpr(jax.grad(lambda v: conv.apply(v, x).sum()))(variables)
     assert str(jaxpr) == str(jax.make_jaxpr(jax.grad(lambda v: nn.Conv(4, (3, 3)).apply(v, x).sum()))(variables))
-    assert "custom_jvp_call" in str(jax.make_jaxpr(lambda v: layers.Conv(4, (3, 3)).apply(v, x))(variables))
+
+def test_conv_formulation_follows_the_option(conv_path):
+    x = _random((2, 8, 8, 3), dtype=jnp.float32)
+    conv = layers.Conv(4, (3, 3))
+    variables = _jit(conv.init)(jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(lambda v: conv.apply(v, x))(variables))
+    assert ("custom_jvp_call" in jaxpr) == (conv_path == "taps") and ("cond[" in jaxpr) == (conv_path == "materialized")
 
 
 def test_switches():

@@ -315,6 +315,6 @@ def test_initialize_is_a_no_op_without_configuration(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert parallel.initialize() is False
     monkeypatch.setenv("JNN_NUM_PROCESSES", "2")
-    with pytest.raises(ValueError, match=r"missing \['coordinator_address', 'process_id'\]"):
+    with pytest.raises(ValueError, match=r"JNN_NUM_PROCESSES=2 but \['JNN_COORDINATOR', 'JNN_PROCESS_ID'\] unset"):
         parallel.initialize()
     assert parallel.data_shard() == (0, 1)
