@@ -71,7 +71,7 @@ def worker_command(args, workload: str, out: str) -> list[str]:
            "--rounds", str(args.rounds), "--block-seconds", str(args.block_seconds),
            "--torch-threads", str(args.torch_threads), "--seeds", str(args.seeds),
            "--max-steps", str(500 if args.quick else 1000)]
-    peers = ["jnn"] if args.suite == "gpu" else ["jnn", "raw", "flax"]
+    peers = ["jnn"] if args.suite == "gpu" else ["jnn", "jnn_jax_jit", "raw", "flax"]
     if not (args.quick or args.tiny) and args.suite == "cpu":
         peers.append("jnn_default")
         cmd += ["--full", "--compile-rounds", "3"]

@@ -6,7 +6,8 @@ Each workload runs in a fresh process, so its peak memory (max RSS) is its own a
 compiled programs and allocator state do not slow the next. Steps:
 
 1. Build the candidates on the same synthetic batches: `jnn` (`jnn.jit(jnn.make_train_step(loss,
-   metrics=("loss", "accuracy")))` on `jnn.create_train_state`), `jnn_default` (jnn's default
+   metrics=("loss", "accuracy")))` on `jnn.create_train_state`), `jnn_jax_jit` (the same step under
+   plain `jax.jit`, as a user compiles it), `jnn_default` (jnn's default
    metrics and `jnn.make_optimizer`, full mode), `raw` and `flax` (`benchmarks/workloads.py`),
    and each PyTorch peer in its own process (`benchmarks/torch_peer.py`, eager and `torch.compile`).
 2. Run every candidate's first step on the same batch: its wall time is the time to first step
@@ -38,12 +39,13 @@ from benchmarks import common
 
 LOSS_RTOL = 1e-5  # same model, parameters and batch: only the order of float sums may differ
 LOSS_ATOL = 1e-6
-JAX_PEERS = ("jnn", "jnn_default", "raw", "flax")
+JAX_PEERS = ("jnn", "jnn_jax_jit", "jnn_default", "raw", "flax")
 # PyTorch eager at one thread per core (its default) and at 1 thread: on a busy machine its OpenMP
 # threads wait on each other and one thread is often faster, so both are run and `torch_eager_best`
 # is, round by round, the faster of the two.
 TORCH_PEERS = ("torch_eager", "torch_eager_1t", "torch_compile")
 PAIRS = (("jnn", "raw"), ("jnn", "flax"), ("flax", "raw"), ("jnn_default", "jnn"), ("jnn", "torch_eager_best"),
+         ("jnn_jax_jit", "torch_eager_best"), ("jnn_jax_jit", "jnn"),
          ("jnn", "torch_eager"), ("jnn", "torch_eager_1t"), ("jnn", "torch_compile"), ("raw", "torch_eager_best"),
          ("torch_compile", "torch_eager"))
 TORCH_PEER_SCRIPT = Path(__file__).resolve().parent / "torch_peer.py"
@@ -179,8 +181,10 @@ def build_jax_candidates(w, peers, full: bool) -> dict:
     state = jnn.create_train_state(model, tx, example, 0, precision=w.precision)
     # jnn compiles its steps with `jnn.jit` (jax.jit plus the XLA options in jnn/compiler.py), as
     # fit and `jnn train` do; the raw and flax peers use plain jax.jit, as their users write it.
-    cands = {"jnn": JaxCandidate(jnn.jit(jnn.make_train_step(wl.loss_fn, metrics=("loss", "accuracy"),
-                                                             on_nonfinite="apply"), donate_argnums=0), wl.copy(state), device)}
+    bare = jnn.make_train_step(wl.loss_fn, metrics=("loss", "accuracy"), on_nonfinite="apply")
+    cands = {"jnn": JaxCandidate(jnn.jit(bare, donate_argnums=0), wl.copy(state), device)}
+    if "jnn_jax_jit" in peers:  # the same step as a user compiles it (jnn's XLA option: `import jnn`'s default)
+        cands["jnn_jax_jit"] = JaxCandidate(jax.jit(bare, donate_argnums=0), wl.copy(state), device)
     if full and "jnn_default" in peers:  # jnn's defaults: inject_hyperparams optimizer, every metric
         default = state.replace(tx=jnn.make_optimizer(jnn.OptimConfig("adam", wl.LR)))
         default = default.replace(opt_state=default.tx.init(default.params))
@@ -420,6 +424,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import jnn  # noqa: F401 - first, as a user's script imports it: its XLA option becomes the process default
     try:
         result = run(args)
     except LossMismatchError as err:

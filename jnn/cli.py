@@ -148,14 +148,17 @@ def _launch(args, argv: list[str]) -> int:
 
 
 def _train(args) -> int:
-    from jnn import _claim, parallel
+    from jnn import _claim
     from jnn.train.preemption import Preempted, watch_signals_until_exit
 
     watch_signals_until_exit()  # from here on a scheduler's signal stops training at a step, with a checkpoint
+    if args.resume or args.run_dir:  # a run still writing there: refuse at once, before JAX or connecting
+        _claim.probe(os.path.abspath(args.resume or args.run_dir))
+    enable_compilation_cache()
+    from jnn import parallel
+
     if args.no_cluster:
         os.environ["JNN_CLUSTER"] = "off"
-    if args.resume or args.run_dir:  # a run still writing there: refuse in every process, before connecting
-        _claim.probe(os.path.abspath(args.resume or args.run_dir))
     timeout = {} if args.timeout is None else {"timeout_s": args.timeout}
     try:
         return _train_joined(args, parallel.initialize(**timeout))
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("train", "eval", "export", "predict"):
+        if args.command in ("eval", "export", "predict"):  # `train` turns it on after its quick checks
             enable_compilation_cache()
         if args.command == "train":
             if args.processes != 1 and "JNN_PROCESS_ID" not in os.environ:
