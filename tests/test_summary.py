@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import jnn
+from jnn import compiler
 from jnn import cli
 
 
@@ -93,7 +94,9 @@ def test_linen_rows_flops_memory_and_table():
     assert rows[("head",)].flops == 2 * 2 * 128 * 10 + 2 * 10
     # A 3x3 'SAME' convolution on 8x8: XLA counts the taps inside the image, 3*8 - 2 = 22 per axis
     # (22*22 instead of 8*8*9), 2 FLOPs each per input-output channel pair, plus the bias per output.
-    assert rows[("conv_0",)].flops == 2 * (2 * 22 * 22 * 1 * 32) + 2 * 8 * 8 * 32
+    # (+2 under jnn's XLA option: the compare and add of the conditional that materializes the input.)
+    assert rows[("conv_0",)].flops - 2 * (2 * 22 * 22 * 1 * 32) - 2 * 8 * 8 * 32 in ((0, 2) if compiler.options_active()
+                                                                                  else (0,))
     assert s.flops == rows[()].flops >= sum(r.flops for r in s.rows[1:])
     assert sum(r.params for r in s.rows[1:]) == s.params  # every parameter sits in a leaf layer
     assert s.params_bytes == 4 * s.params

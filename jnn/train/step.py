@@ -271,6 +271,10 @@ class Step:
     def __call__(self, state, batch):
         return self.fn(state, batch)
 
+    @property
+    def __name__(self) -> str:  # noqa: A003 - what jax.jit names the program (profiles, HLO dumps)
+        return getattr(self.fn, "__name__", f"{self.kind}_step")
+
 
 TRAIN_METRICS = ("loss", "accuracy", "grad_norm", "learning_rate")
 
