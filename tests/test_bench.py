@@ -42,11 +42,11 @@ def test_cpu_workload_writes_json_markdown_and_plot(tmp_path):
     assert machine["load_average_start"] and machine["load_average_end"] and machine["cpu_count"]
     assert result["environment"]["versions"]["jax"]
     w1 = result["workloads"]["W1"]
-    assert set(w1["candidates"]) == {"jnn", "raw", "flax"}
+    assert set(w1["candidates"]) == {"jnn", "jnn_jax_jit", "raw", "flax"}
     for c in w1["candidates"].values():
         assert c["wall_ms"]["median"] > 0 and c["first_step_s"] > 0 and c["items_per_s"] > 0
         assert c["flops_per_step"] > 0 and c["flops_per_s"] > 0
-    assert set(w1["first_step_losses"]) == {"jnn", "raw", "flax"}
+    assert set(w1["first_step_losses"]) == {"jnn", "jnn_jax_jit", "raw", "flax"}
     assert {"jnn / raw", "jnn / flax"} <= set(w1["ratios"])
     assert w1["compile_ratio"]["jnn / raw"] > 0 and w1["max_rss_mb"] > 0
     assert w1["matmul"]["float32"]["flops_per_s"] > 0 and result["peak_flops_per_s"]["float32"] > 0

@@ -127,6 +127,11 @@ def _records(run):
     return [(r["split"], r["step"]) for r in jnn.writers.read_jsonl(path)] if path.exists() else []
 
 
+def _steps(run):
+    ckpt = run / "checkpoints"
+    return [int(d) for d in os.listdir(ckpt) if d.isdigit()] if ckpt.is_dir() else []
+
+
 def _wait_for_training(proc):
     """Reads `jnn train`'s output up to its "training ..." line (the signal handlers are in place)."""
     lines = []
@@ -195,9 +200,12 @@ def test_a_second_jnn_train_on_a_running_run_is_refused_at_once(tmp_path):
         seconds = time.monotonic() - started
         print(f"{' '.join(again[:1])}: refused in {seconds:.2f} s: {second.stderr.strip()}")
         assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "being written by host" in second.stderr
+    deadline = time.monotonic() + 120
+    while not _steps(run) and time.monotonic() < deadline:  # until it has saved a checkpoint
+        time.sleep(0.05)
     first.send_signal(signal.SIGKILL)  # the holder dies without clean-up: its claim goes with it
     first.wait()
-    latest = max(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    latest = max(_steps(run))
     resumed = jnn_train(run, cache, "--stop-at", str(latest + 20))
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
