@@ -66,6 +66,25 @@ def test_fit_stops_at_a_step_boundary_saves_and_resumes_bit_for_bit(tmp_path, si
     chex.assert_trees_all_equal(_arrays(resumed.state), _arrays(whole.state))
 
 
+class SignalsDuringSave(jnn.Checkpointer):
+    """A checkpointer that receives SIGTERM while it saves (as a scheduler's second signal would)."""
+
+    def save(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return super().save(*args, **kwargs)
+
+
+def test_a_second_signal_during_the_save_changes_nothing(tmp_path, capfd):
+    whole = _fit(tmp_path / "whole")
+    state = jnn.create_train_state(TinyBNDropout(), optax.adam(1e-2), _data()["inputs"][:1], 0)
+    with SignalsDuringSave(tmp_path / "run", keep=2) as ckpt, pytest.raises(jnn.Preempted) as stopped:
+        jnn.fit(state, jnn.data.Pipeline(_data(), 16, seed=0), num_steps=STEPS, loss_fn="cross_entropy",
+                checkpointer=ckpt, log_every=1, eval_every=100, writer=SignalAt(12))
+    assert stopped.value.step == 12 and "received again: already stopping" in capfd.readouterr().err
+    resumed = _fit(tmp_path / "run", restore=True)
+    chex.assert_trees_all_equal(_arrays(resumed.state), _arrays(whole.state))
+
+
 def test_sigint_saves_then_raises_keyboard_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt, match="stopped at step 9 with a checkpoint"):
         _fit(tmp_path / "run", SignalAt(9, signal.SIGINT))
