@@ -156,6 +156,7 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"keep must be >= 1; got {keep}.")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.read_only = read_only
         self._claim = None if read_only or jax.process_index() != 0 else \
             Claim(self.directory, "checkpoint directory", "jnn.Checkpointer").acquire()
         self.best_metric, self.best_mode = best_metric, best_mode
@@ -204,7 +205,12 @@ class Checkpointer:
 
         Raises:
           OSError: ENOSPC when the disk cannot hold the checkpoint (checked before writing).
+          ValueError: the checkpointer is read-only (it holds no claim on the directory).
         """
+        if self.read_only:
+            raise ValueError(f"Checkpointer({self.directory!r}, read_only=True) cannot save: a read-only "
+                             f"checkpointer does not claim the directory, so another process may be writing it. "
+                             f"Fix: create it without read_only to write (one writer per directory).")
         step = int(jax.device_get(state.step))
         check_space(self.directory, state)
         items = {_STATE: ocp.args.StandardSave(_arrays(state))}

@@ -99,7 +99,9 @@ def test_a_second_checkpointer_on_a_directory_is_refused_naming_the_holder(tmp_p
     with jnn.Checkpointer(tmp_path / "ckpt"):
         with pytest.raises(_claim.ClaimedError, match=rf"being written by host \S+, pid {os.getpid()}, started "):
             jnn.Checkpointer(tmp_path / "ckpt")
-        jnn.Checkpointer(tmp_path / "ckpt", read_only=True).close()  # readers are welcome
+        with jnn.Checkpointer(tmp_path / "ckpt", read_only=True) as reader:  # readers are welcome, writers are not
+            with pytest.raises(ValueError, match="read_only=True\) cannot save"):
+                reader.save(jnn.create_train_state(TinyBNDropout(), optax.sgd(0.1), _data()["inputs"][:1], 0))
     jnn.Checkpointer(tmp_path / "ckpt").close()  # released with close()
 
 
