@@ -227,8 +227,8 @@ def fit(
     bar = _progress(progress, num_steps, step)
     watching = preemption_lib.watch_signals() if preemption else contextlib.nullcontext()
     signalled = None
+    watching.__enter__()  # left in `finally` below, after the last save
     try:
-        watching.__enter__()
         while step < end and not stopped_early:
             signalled = preemption_lib.agreed(step, PREEMPTION_SYNC_EVERY) if preemption else None
             if signalled:
