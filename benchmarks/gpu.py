@@ -73,7 +73,7 @@ def workloads(tiny: bool = False) -> dict:
     return {w.name: w for w in (
         Workload("G1", "GPT-2 small" + (" (tiny)" if tiny else ""), lambda: jnn.models.GPT(**gpt), batch, (t,), v,
                  tokens=True, torch_model="gpt", torch_kwargs=gpt, precision="mixed_bf16", torch_amp="bfloat16",
-                 model_flops=gpt_flops(params, n_layer, c, t, batch * t)),
+                 model_flops=gpt_flops(params, n_layer, c, t, batch * t), jnn_losses=("fused_cross_entropy",)),
         Workload("G2", "ResNet-50" + (" (tiny)" if tiny else ""),
                  lambda: jnn.models.ResNet(block="bottleneck", **resnet), 4 if tiny else 128, (image, image, 3),
                  resnet["num_classes"], torch_model="resnet",

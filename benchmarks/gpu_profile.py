@@ -63,13 +63,13 @@ def device_times(trace_path: Path) -> tuple[dict[str, float], str]:
     return dict(totals), scope
 
 
-def profile(name: str, tiny: bool, steps: int) -> dict:
+def profile(name: str, tiny: bool, steps: int, candidate: str = "jnn") -> dict:
     import jax
 
     from benchmarks import gpu, harness
 
     w = gpu.workloads(tiny)[name]
-    cand = harness.build_jax_candidates(w, ["jnn"], False)["jnn"]
+    cand = harness.build_jax_candidates(w, ["jnn"], False)[candidate]
     loss = cand.first_step()
     cand.run(5)
     wall = cand.run(steps) / steps
@@ -85,7 +85,7 @@ def profile(name: str, tiny: bool, steps: int) -> dict:
     for k, ms in per_step.items():
         by_kind[kind_of(k)] += ms
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[:40]
-    return {"workload": name, "title": w.title, "batch_size": w.batch_size, "first_step_loss": loss,
+    return {"workload": name, "candidate": candidate, "title": w.title, "batch_size": w.batch_size, "first_step_loss": loss,
             "wall_ms_per_step": 1e3 * wall, "trace_scope": scope, "busy_ms_per_step": sum(per_step.values()),
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), "top_kernels_ms": dict(top),
             "custom_calls": dict(calls), "backend": jax.default_backend(),
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("workloads", nargs="+", choices=("G1", "G2"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--candidate", default="jnn", help="jnn, or jnn_<loss> for a workload's `jnn_losses`")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from benchmarks import common
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     results = {}
     for name in args.workloads:
         start = time.perf_counter()
-        r = results[name] = profile(name, args.tiny, args.steps)
+        r = results[name] = profile(name, args.tiny, args.steps, args.candidate)
         print(f"{name} ({r['title']}): {r['wall_ms_per_step']:.2f} ms/step wall, {r['busy_ms_per_step']:.2f} ms "
               f"{r['trace_scope']} time per step ({time.perf_counter() - start:.0f} s)", flush=True)
         print("  custom calls: " + ", ".join(f"{k} x{v}" for k, v in r["custom_calls"].items()), flush=True)

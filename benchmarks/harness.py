@@ -183,6 +183,9 @@ def build_jax_candidates(w, peers, full: bool) -> dict:
     # fit and `jnn train` do; the raw and flax peers use plain jax.jit, as their users write it.
     bare = jnn.make_train_step(wl.loss_fn, metrics=("loss", "accuracy"), on_nonfinite="apply")
     cands = {"jnn": JaxCandidate(jnn.jit(bare, donate_argnums=0), wl.copy(state), device)}
+    for name in w.jnn_losses:  # the same step with another of jnn's losses (e.g. G1's fused cross-entropy)
+        step = jnn.make_train_step(name, metrics=("loss", "accuracy"), on_nonfinite="apply")
+        cands[f"jnn_{name}"] = JaxCandidate(jnn.jit(step, donate_argnums=0), wl.copy(state), device)
     if "jnn_jax_jit" in peers:  # the same step as a user compiles it (jnn's XLA option: `import jnn`'s default)
         cands["jnn_jax_jit"] = JaxCandidate(jax.jit(bare, donate_argnums=0), wl.copy(state), device)
     if full and "jnn_default" in peers:  # jnn's defaults: inject_hyperparams optimizer, every metric

@@ -49,6 +49,7 @@ class Workload:
       channels_last: PyTorch peers in channels-last memory format (convnets on GPU).
       model_flops: analytic training FLOPs per step (e.g. nanoGPT's 6N + attention estimate), or
         None; the harness always also reports XLA's cost-analysis count.
+      jnn_losses: other `jnn.losses` names to time jnn's step with, as candidates `jnn_<name>`.
     """
 
     name: str
@@ -64,6 +65,7 @@ class Workload:
     torch_amp: str | None = None
     channels_last: bool = False
     model_flops: float | None = None
+    jnn_losses: tuple[str, ...] = ()
 
     @property
     def items_per_step(self) -> int:

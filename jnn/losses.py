@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jnn._names import unknown
@@ -45,6 +46,53 @@ def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0)
     if jnp.issubdtype(labels.dtype, jnp.integer):
         return softmax_cross_entropy_with_integer_labels(logits, labels, label_smoothing=label_smoothing)
     return softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def fused_cross_entropy(logits: Array, labels: Array) -> Array:
+    """`cross_entropy` for integer labels whose backward pass recomputes the softmax.
+
+    Autodiff of the plain loss keeps `exp(logits - max)` in float32 from the forward pass to the
+    backward one: for a language model's head that is a (batch, length, vocabulary) array, 3.3 GB
+    for GPT-2 small at batch 16 x 1024. This loss keeps only the log-normaliser (one float per
+    position) and recomputes the softmax in one fused pass over the logits, which may stay in the
+    model's compute dtype (upcast here, inside the reductions). The values equal
+    `cross_entropy`'s; gradients agree within float32 rounding (not bitwise).
+
+    Shapes: (..., C) floating, (...) integer -> (...) float32.
+    """
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"fused_cross_entropy: expected integer class ids, received labels of dtype {labels.dtype}. "
+                        f"Fix: use loss 'cross_entropy' for one-hot or soft labels.")
+    return _fused_ce(logits, labels.astype(jnp.int32))
+
+
+def _fused_ce_parts(logits: Array, labels: Array) -> tuple[Array, Array]:
+    x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    top = jax.lax.stop_gradient(jnp.max(x, axis=-1))
+    lse = jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1)) + top
+    label_logit = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+    return lse - label_logit, lse
+
+
+@jax.custom_vjp
+def _fused_ce(logits: Array, labels: Array) -> Array:
+    return _fused_ce_parts(logits, labels)[0]
+
+
+def _fused_ce_fwd(logits: Array, labels: Array):
+    loss, lse = _fused_ce_parts(logits, labels)
+    return loss, (logits, labels, lse)
+
+
+def _fused_ce_bwd(residuals, g: Array):
+    logits, labels, lse = residuals
+    x = logits.astype(lse.dtype)
+    hit = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+    grad = (jnp.exp(x - lse[..., None]) - hit) * g[..., None]
+    return grad.astype(logits.dtype), np.zeros(labels.shape, jax.dtypes.float0)
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def nll_loss(log_probs: Array, labels: Array) -> Array:
@@ -119,6 +167,7 @@ def elbo_loss(outputs: Any, labels: Array) -> Array:
 
 _LOSSES: dict[str, Callable[..., Array]] = {
     "cross_entropy": cross_entropy,
+    "fused_cross_entropy": fused_cross_entropy,
     "softmax_cross_entropy": softmax_cross_entropy,
     "softmax_cross_entropy_with_integer_labels": softmax_cross_entropy_with_integer_labels,
     "nll": nll_loss,

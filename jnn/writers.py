@@ -36,9 +36,33 @@ def preload() -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot  # noqa: F401
-        import tensorboardX  # noqa: F401
+        summary_writer()
 
     threading.Thread(target=imports, daemon=True).start()
+
+
+def summary_writer():
+    """tensorboardX's `SummaryWriter` class, imported without PyTorch.
+
+    `tensorboardX.writer` imports PyTorch when it is installed, only to annotate its arguments
+    (`numpy_compatible`): 2 s of CPU per process for scalars that never meet a tensor. While it is
+    first imported, and only if PyTorch is not imported yet, `torch` reads as absent; tensorboardX
+    imports it again inside the functions that take tensors, and a process that imports PyTorch
+    itself is unaffected.
+    """
+    with _TENSORBOARDX_LOCK:
+        hide = "torch" not in sys.modules and "tensorboardX.writer" not in sys.modules
+        if hide:
+            sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            if hide and sys.modules.get("torch", 0) is None:
+                del sys.modules["torch"]
+    return SummaryWriter
+
+
+_TENSORBOARDX_LOCK = threading.Lock()
 
 
 class JsonlWriter:
@@ -73,9 +97,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 class TensorBoardWriter:
     """TensorBoard event files under `logdir`, one scalar tag per `split/metric`.
 
-    The event file is opened at the first write: importing tensorboardX is slow (it imports PyTorch
-    when that is installed), and `jnn train` imports it in a thread while the train step compiles,
-    so nothing waits for it before the first metrics are logged.
+    The event file is opened at the first write: `jnn train` imports tensorboardX (without
+    PyTorch, `summary_writer`) in a thread while the train step compiles, so nothing waits for it
+    before the first metrics are logged.
     """
 
     def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
@@ -85,9 +109,7 @@ class TensorBoardWriter:
 
     def write(self, step: int, metrics: Scalars, split: str = "train") -> None:
         if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(self.logdir, purge_step=self.purge_step)
+            self._writer = summary_writer()(self.logdir, purge_step=self.purge_step)
         for name, value in scalars(metrics).items():
             self._writer.add_scalar(f"{split}/{name}", value, int(step))
 

@@ -128,7 +128,7 @@ def _zoo_case(name: str):
     images, y = digits["inputs"][:64], digits["labels"][:64]  # (64, 8, 8, 1) in [0, 1]
     x = images.reshape(64, -1)
     mlp = lambda n: models.get("mlp_mnist", hidden_sizes=(32,), num_classes=n, in_features=None)  # noqa: E731
-    if name in ("cross_entropy", "softmax_cross_entropy_with_integer_labels"):
+    if name in ("cross_entropy", "fused_cross_entropy", "softmax_cross_entropy_with_integer_labels"):
         return mlp(10), {"inputs": x, "labels": y}
     if name == "softmax_cross_entropy":
         return mlp(10), {"inputs": x, "labels": np.eye(10, dtype=np.float32)[y]}
@@ -157,3 +157,39 @@ def test_every_loss_name_trains_a_zoo_model(name):
         state, metrics = step(state, batch)
         first = float(metrics["loss"]) if first is None else first
     assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) < 0.9 * first, (name, first, metrics)
+
+
+def test_fused_cross_entropy_equals_cross_entropy_and_its_gradients():
+    z, y = _logits(shape=(3, 7, C)).astype(jnp.float32), jnp.asarray(np.random.default_rng(2).integers(0, C, (3, 7)))
+    np.testing.assert_allclose(losses.fused_cross_entropy(z, y), losses.cross_entropy(z, y), rtol=1e-6)
+    g = jax.grad(lambda a: losses.fused_cross_entropy(a, y).mean())(z)
+    ref = jax.grad(lambda a: losses.cross_entropy(a, y).mean())(z)
+    np.testing.assert_allclose(g, ref, atol=1e-7)
+    # bfloat16 logits (a language model's head): float32 losses, bfloat16 gradients, same values.
+    zb = z.astype(jnp.bfloat16)
+    assert losses.fused_cross_entropy(zb, y).dtype == jnp.float32
+    np.testing.assert_allclose(losses.fused_cross_entropy(zb, y), losses.cross_entropy(zb.astype(jnp.float32), y),
+                               rtol=1e-6)
+    gb = jax.grad(lambda a: losses.fused_cross_entropy(a, y).mean())(zb)
+    assert gb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(gb.astype(jnp.float32), ref, atol=2e-3)
+    with jax.enable_x64(True):  # reverse mode, orders 1 and 2 (a custom VJP has no forward mode)
+        check_grads(jax.jit(lambda a: losses.fused_cross_entropy(a, _int_labels()).sum()), (_logits(),), order=2,
+                    modes=("rev",), atol=tol.GRAD_CHECK_ATOL, rtol=tol.GRAD_CHECK_RTOL, eps=tol.FINITE_DIFF_EPS)
+    with pytest.raises(TypeError, match="integer class ids.*Fix: use loss 'cross_entropy'"):
+        losses.fused_cross_entropy(z, jax.nn.one_hot(y, C))
+    assert losses.get("fused_cross_entropy") is losses.fused_cross_entropy
+
+
+def test_fused_cross_entropy_keeps_no_softmax_for_the_backward_pass():
+    """What it is for: the plain loss's backward pass keeps a float32 softmax of the logits' size;
+    the fused one keeps the log-normaliser (one float per row)."""
+    z = jnp.zeros((512, 2048), jnp.float32)
+    y = jnp.zeros((512,), jnp.int32)
+
+    def residual_bytes(loss):
+        _, vjp = jax.vjp(lambda a: loss(a, y).mean(), z)
+        return sum(x.nbytes for x in jax.tree.leaves(vjp) if hasattr(x, "nbytes") and x is not z)
+
+    assert residual_bytes(losses.cross_entropy) >= z.nbytes  # a (512, 2048) float32 array
+    assert residual_bytes(losses.fused_cross_entropy) <= 512 * 4 * 2  # the normaliser and labels

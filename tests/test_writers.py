@@ -146,3 +146,20 @@ def test_run_writers_draw_the_test_confusion_matrix(tmp_path):
     w.close()
     image = matplotlib.image.imread(tmp_path / writers.CONFUSION_FILE)
     assert image.shape[:2] == (500, 600)  # 10 classes or fewer: a 6 x 5 inch figure at 100 dpi
+
+
+def test_tensorboard_events_are_written_without_importing_pytorch(tmp_path):
+    """tensorboardX imports PyTorch (2 s of CPU) only to annotate its arguments; jnn's writer must not
+    pay for it, and a process that imports PyTorch itself must still have it afterwards."""
+    pytest.importorskip("torch")  # installed with the dev extras: without it there is nothing to avoid
+    import subprocess
+    import sys
+
+    code = ("import sys; from jnn import writers; w = writers.TensorBoardWriter(sys.argv[1]); "
+            "w.write(1, {'loss': 0.5}); w.close(); print('torch' in sys.modules); import torch; "
+            "import tensorboardX.x2num as x; print(x.make_np(torch.ones(2)).sum())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tb")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "2.0"]
+    assert _read_tensorboard_scalars(tmp_path / "tb")["train/loss"] == [(1, np.float32(0.5))]
