@@ -27,7 +27,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/cnn_layers.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, harness  # noqa: E402
+from benchmarks import common, harness, loss_check  # noqa: E402
 
 WORKLOADS = ("W3", "W5")
 # (name, input shape, window, strides, padding) of the pooling layers timed in the per-op table.
@@ -70,7 +70,7 @@ def step_candidates(w, impls=("native", "fast", "jnn_jit")) -> dict:
         with layers.using("native" if impl == "native" else "fast"):
             losses[impl] = cand.first_step()
         cands[impl] = cand
-    harness.check_same_loss(losses, reference=impls[0])
+    loss_check.check_same_loss(losses, reference=impls[0])
     return cands
 
 

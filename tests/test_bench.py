@@ -4,15 +4,18 @@ The harness runs every workload in a fresh process; these tests run it the same 
 smallest sizes (one round of blocks of one or two steps), with XLA's backend optimisations off so
 that compiling is quick: the numbers mean nothing, the files and their fields are what is checked.
 """
+import ast
+import graphlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import harness, workloads
+from benchmarks import harness, loss_check, workloads
 from jnn import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,9 +89,52 @@ def test_loss_check_fails_loudly_on_a_peer_that_computes_another_loss():
 
     cands["raw"] = harness.JaxCandidate(workloads.make_raw_step(model, optax.adam(workloads.LR), loss=smoothed),
                                         raw.carry, raw.batches)
-    with pytest.raises(harness.LossMismatchError, match=r"raw computes .* fix the peer"):
+    with pytest.raises(loss_check.LossMismatchError, match=r"raw computes .* fix the peer"):
         harness.first_steps(cands)
-    harness.check_same_loss({"jnn": 2.3, "raw": 2.3 * (1 + harness.LOSS_RTOL / 2)})  # within tolerance
+    loss_check.check_same_loss({"jnn": 2.3, "raw": 2.3 * (1 + loss_check.LOSS_RTOL / 2)})  # within tolerance
+
+
+def benchmark_imports(root: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the `benchmarks` package at `root` that it imports, wherever in the
+    module the import stands (a function-level import closes a cycle as surely as a top-level one)."""
+    paths = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: `from . import x` in package P is `from P import x`
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                targets |= {base} | {f"{base}.{a.name}" for a in node.names}
+        # Importing `benchmarks.a.b` runs `benchmarks/__init__.py` and `benchmarks/a/__init__.py` first.
+        graph[name] = {t.rsplit(".", k)[0] for t in targets for k in range(t.count(".") + 1)} & paths.keys() - {name}
+    return graph
+
+
+def import_cycle(root: Path) -> list[str] | None:
+    """A cycle of imports among the modules of the `benchmarks` package at `root`, or None."""
+    try:
+        graphlib.TopologicalSorter(benchmark_imports(root)).prepare()
+    except graphlib.CycleError as err:
+        return err.args[1]
+    return None
+
+
+def test_benchmarks_have_no_import_cycle(tmp_path):
+    assert import_cycle(ROOT / "benchmarks") is None
+    # The checker finds the cycle issue 24 reported (W2's module imported the harness, which runs W2),
+    # planted again in a copy.
+    copy = tmp_path / "benchmarks"
+    shutil.copytree(ROOT / "benchmarks", copy, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    with open(copy / "digits_tta.py", "a") as f:
+        f.write("\n\ndef _planted():\n    from benchmarks.harness import JaxCandidate  # noqa: F401\n")
+    assert set(import_cycle(copy)) == {"benchmarks.digits_tta", "benchmarks.harness"}
 
 
 def test_jnn_bench_forwards_to_the_harness(capfd):
