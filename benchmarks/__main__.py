@@ -137,11 +137,11 @@ def run_worker(args, workload: str, env: dict) -> dict:
 
 
 def run_parallel(args, env: dict) -> dict:
-    """W8: `benchmarks/parallel.py` on 2, 4 and 8 fake CPU devices, each in a fresh process."""
+    """W8: `python -m benchmarks.parallel` on 2, 4 and 8 fake CPU devices, each in a fresh process."""
     devices = {}
     for n in (2, 4, 8):
         with tempfile.TemporaryDirectory(prefix="jnn-bench-parallel-") as tmp:
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "parallel.py"), "--devices", str(n),
+            cmd = [sys.executable, "-m", "benchmarks.parallel", "--devices", str(n),
                    "--rounds", str(args.rounds if args.quick else 21), "--steps", str(5 if args.quick else 15),
                    "--out", tmp]
             if args.quick:  # the like-for-like loss-only pairs: 4 programs to compile instead of 10

@@ -137,6 +137,33 @@ def test_benchmarks_have_no_import_cycle(tmp_path):
     assert set(import_cycle(copy)) == {"benchmarks.digits_tta", "benchmarks.harness"}
 
 
+def path_hacks(root: Path) -> list[str]:
+    """Imports of a `benchmarks` module by its bare name (`import common`) and edits of `sys.path`,
+    at `root`: what a script run as a file needs, and a module run with `python -m` must not use."""
+    names = {p.stem for p in root.rglob("*.py")} - {"__init__", "__main__"}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root.parent)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [f"{where}: import {a.name}" for a in node.names if a.name.split(".")[0] in names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module.split(".")[0] in names:
+                found.append(f"{where}: from {node.module} import ...")
+            elif isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                found.append(f"{where}: sys.path")
+    return found
+
+
+def test_benchmarks_run_as_modules_of_the_package(tmp_path):
+    """Studies run as `python -m benchmarks.studies.<name>` and import `from benchmarks import common`."""
+    assert path_hacks(ROOT / "benchmarks") == []
+    copy = tmp_path / "benchmarks"
+    shutil.copytree(ROOT / "benchmarks", copy, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    with open(copy / "studies" / "step.py", "a") as f:  # what step.py did before issue 24
+        f.write("\nsys.path.insert(0, str(Path(__file__).resolve().parent))\nimport common  # noqa: E402\n")
+    assert set(path_hacks(copy)) == {"benchmarks/studies/step.py: sys.path", "benchmarks/studies/step.py: import common"}
+
+
 def test_jnn_bench_forwards_to_the_harness(capfd):
     assert cli.main(["bench", "--help"]) == 0
     assert "usage: python -m benchmarks" in capfd.readouterr().out
@@ -190,7 +217,7 @@ def test_a_terminated_harness_takes_its_worker_down(tmp_path):
 
 def test_guard_benchmark_writes_its_four_candidates_and_ratios(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.guard", "--workloads", "W1", "--rounds", "1",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.guard", "--workloads", "W1", "--rounds", "1",
                            "--block-seconds", "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -206,13 +233,13 @@ def test_guard_benchmark_writes_its_four_candidates_and_ratios(tmp_path):
 
 def test_guard_variants_benchmark_writes_every_variant(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.guard_variants", "--rounds", "1", "--block-seconds",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.guard_variants", "--rounds", "1", "--block-seconds",
                            "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("guard-variants-*.json")
     w = json.loads(json_path.read_text())["workload"]
-    from benchmarks.guard_variants import VARIANTS
+    from benchmarks.studies.guard_variants import VARIANTS
 
     assert list(w["wall_ms"]) == list(VARIANTS) and all(v["median"] > 0 for v in w["wall_ms"].values())
     assert set(w["ratios"]) == {f"{v} / apply" for v in VARIANTS[1:]}
