@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             for c in w.get("candidates", {}).values():
                 if isinstance(c, dict) and dense and c.get("model_flops_per_s"):
                     c["mfu"] = c["model_flops_per_s"] / dense
-    result["targets"] = report.check_targets(workloads) if args.suite == "cpu" else []
+    result["targets"] = report.check_targets(workloads, report.TARGETS if args.suite == "cpu" else report.GPU_TARGETS)
     result["seconds"] = time.perf_counter() - start
     common.finish(env)
     result = {"benchmark": f"bench-{suite}", "environment": env, "config": vars(args), **result}

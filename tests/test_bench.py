@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import harness, loss_check, workloads
+from benchmarks import common, harness, loss_check, report, workloads
 from jnn import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,7 +161,30 @@ def test_benchmarks_run_as_modules_of_the_package(tmp_path):
     shutil.copytree(ROOT / "benchmarks", copy, ignore=shutil.ignore_patterns("results", "__pycache__"))
     with open(copy / "studies" / "step.py", "a") as f:  # what step.py did before issue 24
         f.write("\nsys.path.insert(0, str(Path(__file__).resolve().parent))\nimport common  # noqa: E402\n")
-    assert set(path_hacks(copy)) == {"benchmarks/studies/step.py: sys.path", "benchmarks/studies/step.py: import common"}
+    assert set(path_hacks(copy)) == {"benchmarks/studies/step.py: sys.path",
+                                     "benchmarks/studies/step.py: import common"}
+
+
+def test_headline_takes_each_workloads_newest_full_run(tmp_path):
+    full = json.loads((common.RESULTS / "bench-cpu-2026-11-30.json").read_text())
+
+    def write(name, suite, date, workloads):
+        result = dict(full, suite=suite, environment=dict(full["environment"], date=date),
+                      workloads={k: full["workloads"][k] for k in workloads})
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+
+    write("bench-cpu-2026-11-30", "cpu", "2026-11-30T13:42:32", ["W1", "W2", "W3"])
+    write("bench-cpu-quick-2027-01-01", "cpu-quick", "2027-01-01T00:00:00", ["W1", "W2", "W3"])  # 3 rounds
+    write("bench-cpu-2027-01-02", "cpu", "2027-01-02T00:00:00", ["W3"])  # a newer full run of W3 alone
+    write("bench-gpu-tiny-2027-01-03", "gpu-tiny", "2027-01-03T00:00:00", [])  # toy sizes: never
+    full["workloads"]["W2"] = {"error": "worker failed"}
+    write("bench-cpu-2027-01-04", "cpu", "2027-01-04T00:00:00", ["W2"])  # an error measures nothing
+    newest = report.newest_results(tmp_path, "cpu")
+    assert {k: p.stem for k, (p, _) in newest.items()} == {
+        "W1": "bench-cpu-2026-11-30", "W2": "bench-cpu-2026-11-30", "W3": "bench-cpu-2027-01-02"}
+    (tmp_path / "bench-cpu-2026-11-30.json").unlink()  # no full run of W1 left: the quick one stands in
+    assert report.newest_results(tmp_path, "cpu")["W1"][0].stem == "bench-cpu-quick-2027-01-01"
+    assert report.newest_results(tmp_path, "gpu") == {}
 
 
 def test_jnn_bench_forwards_to_the_harness(capfd):
@@ -233,9 +256,9 @@ def test_guard_benchmark_writes_its_four_candidates_and_ratios(tmp_path):
 
 def test_guard_variants_benchmark_writes_every_variant(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.guard_variants", "--rounds", "1", "--block-seconds",
-                           "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.guard_variants", "--rounds", "1",
+                           "--block-seconds", "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("guard-variants-*.json")
     w = json.loads(json_path.read_text())["workload"]
