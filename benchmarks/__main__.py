@@ -10,7 +10,7 @@ W3 Keras MNIST CNN (batch 128), W4 compute-bound MLP 1024-2048x4-1024 (batch 102
 ResNet-20 (batch 128), W6 GPT decoder (4 layers, width 256, context 128), W7 LSTM language model,
 W8 data-parallel steps on 2/4/8 fake CPU devices (`benchmarks/parallel.py`). Each workload runs
 in its own process (`benchmarks/harness.py`), each PyTorch peer in another one. Writes
-`results/bench-<suite>-<date>.json`, `.md` and `.png` (see README.md, "How to read the harness").
+`results/bench-<suite>-<date>.json`, `.md` and `.png` (see README.md, "How to read the results").
 """
 from __future__ import annotations
 

@@ -165,6 +165,19 @@ def test_benchmarks_run_as_modules_of_the_package(tmp_path):
                                      "benchmarks/studies/step.py: import common"}
 
 
+def test_the_readme_headline_table_is_generated_from_the_committed_results():
+    """benchmarks/README.md's headline table is `python -m benchmarks.report --write-readme`'s output,
+    not typed: a new result in benchmarks/results/ (or a new target) fails here until it is rerun."""
+    readme = report.README.read_text()
+    assert readme.count(report.HEADLINE_START) == 1 and readme.count(report.HEADLINE_END) == 1
+    assert report.readme_with_headline(readme, report.headline_markdown(common.RESULTS)) == readme, \
+        "the headline table is stale or edited by hand: run `python -m benchmarks.report --write-readme`"
+    assert "| W1 | `jnn / raw`:" in readme and "| G1 | `mfu`:" in readme
+    row = "| W1 | `jnn / raw`: jnn step vs the same step in raw JAX + optax | "
+    edited = readme.replace(row + "1.", row + "0.")  # a figure typed over
+    assert edited != readme and report.readme_with_headline(edited, report.headline_markdown()) != edited
+
+
 def test_headline_takes_each_workloads_newest_full_run(tmp_path):
     full = json.loads((common.RESULTS / "bench-cpu-2026-11-30.json").read_text())
 
