@@ -12,8 +12,8 @@ compiled programs and allocator state do not slow the next. Steps:
    and each PyTorch peer in its own process (`benchmarks/torch_peer.py`, eager and `torch.compile`).
 2. Run every candidate's first step on the same batch: its wall time is the time to first step
    (trace + compile + run), reported apart from the step time. The JAX candidates start from the
-   same parameters, so their losses must agree (`loss_check.check_same_loss`): a peer that trains another
-   model fails the run here, before anything is timed.
+   same parameters, so their losses must agree (`loss_check.check_same_loss`): a peer that trains
+   another model fails the run here, before anything is timed.
 3. Warm up, size each candidate's block of steps to about `--block-seconds`, then interleave the
    blocks over `--rounds` rounds (`common.interleave`, order reversed every other round), waiting
    for the results (`jax.block_until_ready`, `torch.cuda.synchronize`) before every clock read.

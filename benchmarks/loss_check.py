@@ -1,8 +1,6 @@
-"""The loss check: candidates that start from the same parameters and batch must compute the same loss.
+"""The loss check the harness (`harness.first_steps`), W2 (`digits_tta`) and the studies share.
 
-It is what makes a timing comparison a comparison of the same computation. The harness
-(`harness.first_steps`), W2 (`digits_tta`) and the studies call it; it imports nothing of theirs,
-so none of them has to import another to use it.
+It imports nothing of theirs, so none of them has to import another to use it.
 """
 from __future__ import annotations
 
