@@ -1,1 +1,1 @@
-"""jnn's benchmark harness (`python -m benchmarks`, `jnn bench`) and the per-topic scripts; see README.md."""
+"""jnn's benchmark harness (`python -m benchmarks`, `jnn bench`); one-off studies in `studies/`; see README.md."""

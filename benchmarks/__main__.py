@@ -10,7 +10,7 @@ W3 Keras MNIST CNN (batch 128), W4 compute-bound MLP 1024-2048x4-1024 (batch 102
 ResNet-20 (batch 128), W6 GPT decoder (4 layers, width 256, context 128), W7 LSTM language model,
 W8 data-parallel steps on 2/4/8 fake CPU devices (`benchmarks/parallel.py`). Each workload runs
 in its own process (`benchmarks/harness.py`), each PyTorch peer in another one. Writes
-`results/bench-<suite>-<date>.json`, `.md` and `.png` (see README.md, "How to read the harness").
+`results/bench-<suite>-<date>.json`, `.md` and `.png` (see README.md, "How to read the results").
 """
 from __future__ import annotations
 
@@ -137,11 +137,11 @@ def run_worker(args, workload: str, env: dict) -> dict:
 
 
 def run_parallel(args, env: dict) -> dict:
-    """W8: `benchmarks/parallel.py` on 2, 4 and 8 fake CPU devices, each in a fresh process."""
+    """W8: `python -m benchmarks.parallel` on 2, 4 and 8 fake CPU devices, each in a fresh process."""
     devices = {}
     for n in (2, 4, 8):
         with tempfile.TemporaryDirectory(prefix="jnn-bench-parallel-") as tmp:
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "parallel.py"), "--devices", str(n),
+            cmd = [sys.executable, "-m", "benchmarks.parallel", "--devices", str(n),
                    "--rounds", str(args.rounds if args.quick else 21), "--steps", str(5 if args.quick else 15),
                    "--out", tmp]
             if args.quick:  # the like-for-like loss-only pairs: 4 programs to compile instead of 10
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             for c in w.get("candidates", {}).values():
                 if isinstance(c, dict) and dense and c.get("model_flops_per_s"):
                     c["mfu"] = c["model_flops_per_s"] / dense
-    result["targets"] = report.check_targets(workloads) if args.suite == "cpu" else []
+    result["targets"] = report.check_targets(workloads, report.TARGETS if args.suite == "cpu" else report.GPU_TARGETS)
     result["seconds"] = time.perf_counter() - start
     common.finish(env)
     result = {"benchmark": f"bench-{suite}", "environment": env, "config": vars(args), **result}

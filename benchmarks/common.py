@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the harness's runs: the headline table reads them
+STUDY_RESULTS = RESULTS / "studies"  # the runs of `benchmarks/studies/`
 
 
 def cpu_model() -> str:
@@ -65,7 +66,7 @@ def add_run_arguments(parser, rounds: int, block_seconds: float) -> None:
     """--rounds, --block-seconds, --out and --no-save, as the in-process benchmarks take them."""
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
     parser.add_argument("--block-seconds", type=float, default=block_seconds, help="target time of one block of steps")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/studies)")
     parser.add_argument("--no-save", action="store_true")
 
 
@@ -166,13 +167,13 @@ def env_line(env: dict) -> str:
 def publish(name: str, env: dict, args: Any, body: dict, markdown: Callable[[dict], str]) -> dict:
     """Ends a benchmark run: records the final load average in `env`, prints the markdown table of
     `{"benchmark": name, "environment": env, "config": vars(args), **body}` and writes both files
-    (unless `args.no_save`, into `args.out` or `results/`). Returns the result."""
+    (unless `args.no_save`, into `args.out` or `results/studies/`: only the studies publish). Returns the result."""
     finish(env)
     result = {"benchmark": name, "environment": env, "config": vars(args), **body}
     text = markdown(result)
     print(text)
     if not args.no_save:
-        print(f"wrote {write_results(name, result, text, args.out)}")
+        print(f"wrote {write_results(name, result, text, args.out or STUDY_RESULTS)}")
     return result
 
 

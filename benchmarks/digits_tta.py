@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from benchmarks import common
-from benchmarks.harness import check_same_loss
+from benchmarks.loss_check import check_same_loss
 
 TARGET = 0.98
 EVAL_EVERY = 25

@@ -12,8 +12,8 @@ compiled programs and allocator state do not slow the next. Steps:
    and each PyTorch peer in its own process (`benchmarks/torch_peer.py`, eager and `torch.compile`).
 2. Run every candidate's first step on the same batch: its wall time is the time to first step
    (trace + compile + run), reported apart from the step time. The JAX candidates start from the
-   same parameters, so their losses must agree (`check_same_loss`): a peer that trains another
-   model fails the run here, before anything is timed.
+   same parameters, so their losses must agree (`loss_check.check_same_loss`): a peer that trains
+   another model fails the run here, before anything is timed.
 3. Warm up, size each candidate's block of steps to about `--block-seconds`, then interleave the
    blocks over `--rounds` rounds (`common.interleave`, order reversed every other round), waiting
    for the results (`jax.block_until_ready`, `torch.cuda.synchronize`) before every clock read.
@@ -33,12 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/harness.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common
+from benchmarks.loss_check import LossMismatchError, check_same_loss
 
-LOSS_RTOL = 1e-5  # same model, parameters and batch: only the order of float sums may differ
-LOSS_ATOL = 1e-6
 JAX_PEERS = ("jnn", "jnn_jax_jit", "jnn_default", "raw", "flax")
 # PyTorch eager at one thread per core (its default) and at 1 thread: on a busy machine its OpenMP
 # threads wait on each other and one thread is often faster, so both are run and `torch_eager_best`
@@ -49,27 +46,6 @@ PAIRS = (("jnn", "raw"), ("jnn", "flax"), ("flax", "raw"), ("jnn_default", "jnn"
          ("jnn", "torch_eager"), ("jnn", "torch_eager_1t"), ("jnn", "torch_compile"), ("raw", "torch_eager_best"),
          ("torch_compile", "torch_eager"))
 TORCH_PEER_SCRIPT = Path(__file__).resolve().parent / "torch_peer.py"
-
-
-class LossMismatchError(AssertionError):
-    """Two candidates computed different losses on the same batch from the same parameters."""
-
-
-def check_same_loss(losses: dict[str, float], reference: str = "jnn", rtol: float = LOSS_RTOL,
-                    atol: float = LOSS_ATOL) -> None:
-    """Raises `LossMismatchError` unless every loss is close to `losses[reference]`.
-
-    Call it on the first-step losses of candidates that start from the same parameters and batch:
-    it is what makes a timing comparison a comparison of the same computation.
-    """
-    ref = losses[reference]
-    bad = {k: v for k, v in losses.items() if not abs(v - ref) <= atol + rtol * abs(ref)}
-    if bad:
-        raise LossMismatchError(
-            f"loss check failed: on the same batch and initial parameters {reference} computes loss {ref!r} but "
-            + ", ".join(f"{k} computes {v!r}" for k, v in bad.items())
-            + f" (tolerance {rtol} relative + {atol}). The peers do not compute the same step: fix the peer "
-              f"(model, loss, parameters or batch) before timing it.")
 
 
 # ------------------------------------------------------------------------------ candidates

@@ -1,7 +1,9 @@
 """Cost of jnn's parallel train steps vs the same steps written by hand, on N (fake) devices.
 
-  python benchmarks/parallel.py                 # 8 fake CPU devices, writes benchmarks/results/
-  python benchmarks/parallel.py --devices 4 --rounds 21 --steps 15
+The harness's W8 runs it on 2, 4 and 8 fake CPU devices, one process each; alone:
+
+  python -m benchmarks.parallel                 # 8 fake CPU devices, writes benchmarks/results/studies/
+  python -m benchmarks.parallel --devices 4 --rounds 21 --steps 15
 
 Variants, all on the same model (MLP 784-512-512-10), optimizer (Adam) and global batch:
   hand_jit          jax.jit + NamedSharding of a hand-written raw JAX + optax step: loss only
@@ -26,10 +28,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 RATIOS = [  # (numerator, denominator, limit)
     ("jnn_jit_bare", "hand_jit", 1.05), ("jnn_jit", "hand_jit_metrics", 1.05), ("jnn_jit", "hand_jit", None),
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=15, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--variants", nargs="+", default=None, help="time only these variants (default: all)")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results/studies)")
     return p.parse_args(argv)
 
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {w['median']:.3f} [{w['min']:.2f}, {w['max']:.2f}] | "
                      f"{c['median']:.3f} [{c['min']:.2f}, {c['max']:.2f}] | {r['limit'] or ''} |")
     markdown = "\n".join(lines)
-    common.write_results("parallel", result, markdown, args.out)
+    common.write_results("parallel", result, markdown, args.out or common.STUDY_RESULTS)
     print(markdown)
     return 0
 

@@ -1,18 +1,59 @@
-"""The harness's markdown tables, its ratio plot and the targets of issue 12."""
+"""The harness's markdown tables, its ratio plot, the targets of issue 12 and the headline table.
+
+  python -m benchmarks.report --headline        # the headline table of the committed results
+  python -m benchmarks.report --write-readme    # ... written into benchmarks/README.md
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from benchmarks import common
 
-# (ratio, workloads, limit, description): a wall-clock median over `limit` misses the target.
+
+class Target(NamedTuple):
+    """A figure of some workloads that misses its target above `limit` (below it when `at_least`)."""
+    ratio: str  # a key of the workload's ratios, "compile <ratio>", or "mfu" (jnn's model FLOP utilisation)
+    workloads: tuple[str, ...]
+    limit: float
+    what: str
+    at_least: bool = False
+
+    def met(self, value: float | None) -> bool | None:
+        """Whether `value` meets the target; None where it was not measured."""
+        if value is None:
+            return None
+        return value >= self.limit if self.at_least else value <= self.limit
+
+    def __str__(self) -> str:
+        limit = f"{100 * self.limit:.0f}%" if self.ratio == "mfu" else f"{self.limit:.3f}"
+        return (">= " if self.at_least else "<= ") + limit
+
+
+# The CPU suite's targets, on wall-clock medians (`check_targets` judges every run).
 TARGETS = (
-    ("jnn / raw", ("W1", "W3", "W4", "W5", "W6", "W7"), 1.02, "jnn step vs the same step in raw JAX + optax"),
-    ("compile jnn / raw", ("W1", "W2", "W3", "W4", "W5", "W6", "W7"), 1.2, "time to first step (trace + compile)"),
-    ("jnn / torch_eager_best", ("W1", "W4"), 1 / 1.3, "jnn >= 1.3x faster than PyTorch eager"),
-    ("jnn / torch_eager_best", ("W3", "W5"), 1.0, "jnn no slower than PyTorch eager"),
+    Target("jnn / raw", ("W1", "W3", "W4", "W5", "W6", "W7"), 1.02, "jnn step vs the same step in raw JAX + optax"),
+    Target("compile jnn / raw", ("W1", "W2", "W3", "W4", "W5", "W6", "W7"), 1.2,
+           "time to first step (trace + compile)"),
+    Target("jnn / torch_eager_best", ("W1", "W4"), 1 / 1.3, "jnn >= 1.3x faster than PyTorch eager"),
+    Target("jnn / torch_eager_best", ("W3", "W5"), 1.0, "jnn no slower than PyTorch eager"),
+)
+# The GPU suite's, as its runs were judged from 2026-12-04 on (`results/archive/README.md`); G2 and G3 have none.
+GPU_TARGETS = (
+    Target("jnn / torch_compile", ("G1",), 1 / 1.15, "jnn >= 1.15x torch.compile's tokens/s"),
+    Target("mfu", ("G1",), 0.45, "jnn's MFU >= 45% of the dense bf16 peak", at_least=True),
+)
+# Rows of the headline table without a target: (ratio, workloads, what).
+UNTARGETED = (
+    ("jnn / sklearn", ("W2",), "wall time to 98% test accuracy vs scikit-learn's MLPClassifier"),
+    ("jnn / torch_compile", ("G2",), "step time vs torch.compile (bf16 autocast)"),
 )
 PLOTTED = ("jnn / raw", "jnn / flax", "jnn / torch_eager_best", "jnn / torch_compile")
+README = Path(__file__).resolve().parent / "README.md"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 
 def _r(r: dict | None, digits: int = 3) -> str:
@@ -21,29 +62,36 @@ def _r(r: dict | None, digits: int = 3) -> str:
     return f"{r['median']:.{digits}f} [{r['min']:.{digits - 1}f}, {r['max']:.{digits - 1}f}]"
 
 
-def headline(name: str, w: dict, ratio: str) -> float | None:
-    """The median of one headline ratio of a workload's result (None where not measured)."""
+def measured(w: dict, ratio: str) -> dict | None:
+    """One figure of a workload's result, as named in `Target.ratio`: a dict with its "median" (and
+    "min" and "max" where it was measured over rounds or seeds), or None where it was not measured."""
     if "error" in w:
         return None
+    if ratio == "mfu":
+        mfu = w.get("candidates", {}).get("jnn", {}).get("mfu")
+        return None if mfu is None else {"median": mfu}
     if ratio.startswith("compile "):  # the median of cold compiles where measured, else the first step
         key = ratio[len("compile "):]
         rounds = w.get("compile_rounds_ratio", {}).get(key)
-        return rounds["median"] if rounds else w.get("compile_ratio", {}).get(key)
-    if w["kind"] == "time_to_accuracy":
-        r = w["ratios"].get(ratio)
-        return r["per_step"]["median"] if r else None
+        first = w.get("compile_ratio", {}).get(key)
+        return rounds or (None if first is None else {"median": first})
     r = w.get("ratios", {}).get(ratio)
-    return r["wall"]["median"] if r else None
+    if not r:
+        return None
+    if w["kind"] == "time_to_accuracy":  # scikit-learn's steps are not jnn's: compare the time to the target
+        return r["wall_to_target" if ratio == "jnn / sklearn" else "per_step"]
+    return r["wall"]
 
 
-def check_targets(workloads: dict) -> list[dict]:
+def check_targets(workloads: dict, targets: tuple[Target, ...] = TARGETS) -> list[dict]:
     rows = []
-    for ratio, names, limit, what in TARGETS:
-        for name in names:
+    for t in targets:
+        for name in t.workloads:
             if name in workloads:
-                value = headline(name, workloads[name], ratio)
-                rows.append({"workload": name, "ratio": ratio, "limit": limit, "what": what, "value": value,
-                             "met": None if value is None else value <= limit})
+                m = measured(workloads[name], t.ratio)
+                value = None if m is None else m["median"]
+                rows.append({"workload": name, "ratio": t.ratio, "limit": t.limit, "what": t.what, "value": value,
+                             "met": t.met(value)})
     return rows
 
 
@@ -166,8 +214,8 @@ def markdown(result: dict) -> str:
         if w["kind"] == "time_to_accuracy":
             cells[2] = f"jnn / sklearn (wall to target) {_r(w['ratios']['jnn / sklearn']['wall_to_target'])}" \
                 if "jnn / sklearn" in w["ratios"] else ""
-        comp = headline(name, w, "compile jnn / raw")
-        comp = "" if comp is None else f"{comp:.2f}"
+        comp = measured(w, "compile jnn / raw")
+        comp = "" if comp is None else f"{comp['median']:.2f}"
         lines.append(f"| {name} ({w['title']}) | " + " | ".join(cells) + f" | {comp} |")
     targets = result.get("targets", [])
     if targets:
@@ -242,3 +290,111 @@ def plot(result: dict, path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+# ------------------------------------------------------------------------------ the headline table
+
+
+def newest_results(folder: Path, suite: str) -> dict[str, tuple[Path, dict]]:
+    """Workload -> (path, result) of the newest run of `suite` in `folder` that measured it.
+
+    Full runs come first, then `--quick` ones (3 rounds are not a verdict); `--tiny` runs never
+    count. A run of a few workloads (`--workloads W3 W5`) replaces only those.
+    """
+    best = {}
+    for path in sorted(folder.glob(f"bench-{suite}*.json")):
+        result = json.loads(path.read_text())
+        if result["suite"] not in (suite, f"{suite}-quick"):
+            continue
+        rank = (result["suite"] == suite, result["environment"]["date"])
+        for name, w in result["workloads"].items():
+            if "error" not in w and (name not in best or rank > best[name][0]):
+                best[name] = (rank, path, result)
+    return {name: (path, result) for name, (_, path, result) in best.items()}
+
+
+class Row(NamedTuple):
+    """One row of the headline table: a figure of one workload and its target, if it has one."""
+    compared: str
+    figure: dict | None  # {"median", and "min", "max", "n" where measured over rounds}, as `measured` returns
+    target: Target | None = None
+    unit: str = "ratio"  # or "%" (MFU) or "s" (wall seconds)
+
+    def cells(self) -> list[str]:
+        r, t = self.figure, self.target
+        if r is None:
+            figure = "not measured"
+        elif self.unit == "%":
+            figure = f"{100 * r['median']:.1f}%"
+        else:
+            spread = f" [{r['min']:.2f}, {r['max']:.2f}]" if r.get("n", 1) > 1 else ""
+            figure = f"{r['median']:.2f} s{spread}" if self.unit == "s" else f"{r['median']:.3f}{spread}"
+        met = "" if t is None else {None: "not measured", True: "yes", False: "**missed**"}[
+            t.met(None if r is None else r["median"])]
+        return [self.compared, figure, "" if t is None else str(t), met]
+
+
+def headline_rows(name: str, w: dict) -> list[Row]:
+    """The headline table's rows of one workload's result, in the table's order."""
+    if w["kind"] == "parallel":  # the like-for-like pairs that carry a limit, at the most devices measured
+        n = max((k for k, run in w["devices"].items() if "ratios" in run), key=int, default=None)
+        ratios = w["devices"][n]["ratios"] if n else {}
+        return [Row(f"`{k}` on {n} fake devices: jnn's data-parallel step vs the same one by hand", r["wall"],
+                    Target(k, (name,), r["limit"], "")) for k, r in ratios.items() if r.get("limit")]
+    if w["kind"] == "default_run":
+        return [Row(f"`{w['command']}` in a fresh process: wall time", w["wall_s"], unit="s")]
+    rows = [Row(f"`{t.ratio}`: {t.what}", measured(w, t.ratio), t, "%" if t.ratio == "mfu" else "ratio")
+            for t in TARGETS + GPU_TARGETS if name in t.workloads]
+    return rows + [Row(f"`{ratio}`: {what}", measured(w, ratio)) for ratio, names, what in UNTARGETED
+                   if name in names]
+
+
+def headline_markdown(folder: Path = common.RESULTS) -> str:
+    """The headline table: per workload, the figures of the newest run in `folder` and their targets."""
+    lines = ["| workload | compared | measured: median [min, max] | target | met | load average (1 min, start "
+             "-> end) | run |", "|---|---|---|---|---|---|---|"]
+    runs = {}
+    for suite in ("cpu", "gpu"):
+        for name, (path, result) in sorted(newest_results(folder, suite).items()):
+            runs[path] = result
+            machine = result["environment"]["machine"]
+            load = " -> ".join(str((machine.get(k) or ["?"])[0]) for k in ("load_average_start", "load_average_end"))
+            link = f"[{path.stem}](results/{path.with_suffix('.md').name})"
+            for row in headline_rows(name, result["workloads"][name]):
+                lines.append("| " + " | ".join([name, *row.cells(), load, link]) + " |")
+    lines += ["", "Runs:", ""]
+    for path, result in sorted(runs.items()):
+        env = result["environment"]
+        where = result["device_kind"] if result.get("backend") == "gpu" else \
+            f"{env['machine']['cpu_model']} x {env['machine']['cpu_count']} cores"
+        lines.append(f"- `{path.name}`: {env['date']}, {where}, `{result['command'].strip()}`")
+    return "\n".join(lines)
+
+
+def readme_with_headline(readme: str, table: str) -> str:
+    """`readme` with the text between its headline markers replaced by `table`."""
+    start, end = readme.find(HEADLINE_START), readme.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {HEADLINE_START} ... {HEADLINE_END} block to write the table into")
+    return readme[:start + len(HEADLINE_START)] + "\n" + table + "\n" + readme[end:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    p.add_argument("--headline", action="store_true", help="print the headline table of benchmarks/results/")
+    p.add_argument("--write-readme", action="store_true",
+                   help=f"write it between the {HEADLINE_START} markers of benchmarks/README.md")
+    args = p.parse_args(argv)
+    if not (args.headline or args.write_readme):
+        p.error("nothing to do: pass --headline or --write-readme")
+    table = headline_markdown()
+    if args.headline:
+        print(table)
+    if args.write_readme:
+        README.write_text(readme_with_headline(README.read_text(), table))
+        print(f"wrote the headline table into {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

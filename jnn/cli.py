@@ -55,7 +55,7 @@ def enable_compilation_cache() -> str | None:
     """Turns on JAX's persistent compilation cache for the command line (not for the library).
 
     A repeated `jnn train` then loads its compiled init and step instead of compiling them again
-    (what that saves: `benchmarks/README.md`). The cache lives in
+    (what that saves: `benchmarks/studies/README.md`). The cache lives in
     `$JNN_COMPILATION_CACHE` (default `~/.cache/jnn/xla`); set it to an empty string to turn the
     cache off. A cache directory already configured for JAX is left as it is.
 

@@ -3,7 +3,7 @@
 On CPU, jaxlib 0.10 hands convolutions to YNNPACK by default, and YNNPACK computes a
 convolution's kernel gradient (a convolution with the whole image as its window) 6-13x slower
 than XLA's other CPU convolution (Eigen's): 259 ms against 20 ms for a 16 -> 16 3x3 layer of
-ResNet-20 at batch 128 (`benchmarks/README.md`). `compiler_options()` keeps XLA's other YNNPACK
+ResNet-20 at batch 128 (`benchmarks/studies/README.md`). `compiler_options()` keeps XLA's other YNNPACK
 fusions (matrix products and reductions) and drops the convolutions. The options only change
 which kernels run: values are equal up to the order of float sums.
 

@@ -24,7 +24,7 @@ Which implementation runs is decided at trace time: ``"auto"`` (the default) tak
 formulations when ``jax.default_backend()`` is ``"cpu"`` and XLA's native ops elsewhere (GPU and
 TPU have fast native kernels); ``"fast"`` and ``"native"`` force one, per call (``impl=``) or for
 the process (``set_impl`` / ``using``). The measurements behind this are in
-``benchmarks/README.md`` (``benchmarks/cnn_layers.py``).
+``benchmarks/studies/README.md`` (``benchmarks/studies/cnn_layers.py``).
 
 Example:
   >>> import jax.numpy as jnp
@@ -54,7 +54,7 @@ IMPLS: tuple[str, ...] = ("auto", "fast", "native")
 _impl = "auto"
 # The per-tap kernel gradient pays for convolutions with few input channels (XLA's own is then
 # slowest); up to the first bound the taps are stacked into one matrix product. Measured in
-# benchmarks/README.md.
+# benchmarks/studies/README.md.
 _TAPS_MAX_CHANNELS = 16
 _STACKED_TAPS_MAX_CHANNELS = 4
 # jax's convolution as imported; qwix's quantization replaces it (the function or its code) while
@@ -343,7 +343,7 @@ def _materialized(x: jax.Array) -> jax.Array:
     the elementwise ops that produced the input (a ResNet's BatchNorm, ReLU and residual sums,
     back through several blocks) into that transpose and recomputes them there, in an order that
     misses the cache: 146 ms of a 1,020 ms ResNet-20 backward pass in one transpose
-    (`benchmarks/README.md`). XLA does not fuse across a conditional, and
+    (`benchmarks/studies/README.md`). XLA does not fuse across a conditional, and
     ``lax.optimization_barrier`` is removed on CPU before fusion, so both branches return ``x``.
     """
     if x.size == 0:

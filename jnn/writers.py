@@ -30,7 +30,7 @@ def scalars(metrics: Mapping[str, object]) -> dict[str, float]:
 def preload() -> None:
     """Imports tensorboardX and matplotlib in a daemon thread, so that a run that compiles its
     step meanwhile (XLA frees the GIL) does not wait for them at its first log: 0.5-0.9 s of
-    imports measured on a 2-core CPU (`benchmarks/README.md`)."""
+    imports measured on a 2-core CPU (`benchmarks/studies/README.md`)."""
     def imports() -> None:
         import matplotlib
 

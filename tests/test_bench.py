@@ -4,15 +4,18 @@ The harness runs every workload in a fresh process; these tests run it the same 
 smallest sizes (one round of blocks of one or two steps), with XLA's backend optimisations off so
 that compiling is quick: the numbers mean nothing, the files and their fields are what is checked.
 """
+import ast
+import graphlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import harness, workloads
+from benchmarks import common, harness, loss_check, report, workloads
 from jnn import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,9 +89,115 @@ def test_loss_check_fails_loudly_on_a_peer_that_computes_another_loss():
 
     cands["raw"] = harness.JaxCandidate(workloads.make_raw_step(model, optax.adam(workloads.LR), loss=smoothed),
                                         raw.carry, raw.batches)
-    with pytest.raises(harness.LossMismatchError, match=r"raw computes .* fix the peer"):
+    with pytest.raises(loss_check.LossMismatchError, match=r"raw computes .* fix the peer"):
         harness.first_steps(cands)
-    harness.check_same_loss({"jnn": 2.3, "raw": 2.3 * (1 + harness.LOSS_RTOL / 2)})  # within tolerance
+    loss_check.check_same_loss({"jnn": 2.3, "raw": 2.3 * (1 + loss_check.LOSS_RTOL / 2)})  # within tolerance
+
+
+def benchmark_imports(root: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the `benchmarks` package at `root` that it imports, wherever in the
+    module the import stands (a function-level import closes a cycle as surely as a top-level one)."""
+    paths = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: `from . import x` in package P is `from P import x`
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                targets |= {base} | {f"{base}.{a.name}" for a in node.names}
+        # Importing `benchmarks.a.b` runs `benchmarks/__init__.py` and `benchmarks/a/__init__.py` first.
+        graph[name] = {t.rsplit(".", k)[0] for t in targets for k in range(t.count(".") + 1)} & paths.keys() - {name}
+    return graph
+
+
+def import_cycle(root: Path) -> list[str] | None:
+    """A cycle of imports among the modules of the `benchmarks` package at `root`, or None."""
+    try:
+        graphlib.TopologicalSorter(benchmark_imports(root)).prepare()
+    except graphlib.CycleError as err:
+        return err.args[1]
+    return None
+
+
+def test_benchmarks_have_no_import_cycle(tmp_path):
+    assert import_cycle(ROOT / "benchmarks") is None
+    # The checker finds the cycle issue 24 reported (W2's module imported the harness, which runs W2),
+    # planted again in a copy.
+    copy = tmp_path / "benchmarks"
+    shutil.copytree(ROOT / "benchmarks", copy, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    with open(copy / "digits_tta.py", "a") as f:
+        f.write("\n\ndef _planted():\n    from benchmarks.harness import JaxCandidate  # noqa: F401\n")
+    assert set(import_cycle(copy)) == {"benchmarks.digits_tta", "benchmarks.harness"}
+
+
+def path_hacks(root: Path) -> list[str]:
+    """Imports of a `benchmarks` module by its bare name (`import common`) and edits of `sys.path`,
+    at `root`: what a script run as a file needs, and a module run with `python -m` must not use."""
+    names = {p.stem for p in root.rglob("*.py")} - {"__init__", "__main__"}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root.parent)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [f"{where}: import {a.name}" for a in node.names if a.name.split(".")[0] in names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module.split(".")[0] in names:
+                found.append(f"{where}: from {node.module} import ...")
+            elif isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                found.append(f"{where}: sys.path")
+    return found
+
+
+def test_benchmarks_run_as_modules_of_the_package(tmp_path):
+    """Studies run as `python -m benchmarks.studies.<name>` and import `from benchmarks import common`."""
+    assert path_hacks(ROOT / "benchmarks") == []
+    copy = tmp_path / "benchmarks"
+    shutil.copytree(ROOT / "benchmarks", copy, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    with open(copy / "studies" / "step.py", "a") as f:  # what step.py did before issue 24
+        f.write("\nsys.path.insert(0, str(Path(__file__).resolve().parent))\nimport common  # noqa: E402\n")
+    assert set(path_hacks(copy)) == {"benchmarks/studies/step.py: sys.path",
+                                     "benchmarks/studies/step.py: import common"}
+
+
+def test_the_readme_headline_table_is_generated_from_the_committed_results():
+    """benchmarks/README.md's headline table is `python -m benchmarks.report --write-readme`'s output,
+    not typed: a new result in benchmarks/results/ (or a new target) fails here until it is rerun."""
+    readme = report.README.read_text()
+    assert readme.count(report.HEADLINE_START) == 1 and readme.count(report.HEADLINE_END) == 1
+    assert report.readme_with_headline(readme, report.headline_markdown(common.RESULTS)) == readme, \
+        "the headline table is stale or edited by hand: run `python -m benchmarks.report --write-readme`"
+    assert "| W1 | `jnn / raw`:" in readme and "| G1 | `mfu`:" in readme
+    row = "| W1 | `jnn / raw`: jnn step vs the same step in raw JAX + optax | "
+    edited = readme.replace(row + "1.", row + "0.")  # a figure typed over
+    assert edited != readme and report.readme_with_headline(edited, report.headline_markdown()) != edited
+
+
+def test_headline_takes_each_workloads_newest_full_run(tmp_path):
+    full = json.loads((common.RESULTS / "bench-cpu-2026-11-30.json").read_text())
+
+    def write(name, suite, date, workloads):
+        result = dict(full, suite=suite, environment=dict(full["environment"], date=date),
+                      workloads={k: full["workloads"][k] for k in workloads})
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+
+    write("bench-cpu-2026-11-30", "cpu", "2026-11-30T13:42:32", ["W1", "W2", "W3"])
+    write("bench-cpu-quick-2027-01-01", "cpu-quick", "2027-01-01T00:00:00", ["W1", "W2", "W3"])  # 3 rounds
+    write("bench-cpu-2027-01-02", "cpu", "2027-01-02T00:00:00", ["W3"])  # a newer full run of W3 alone
+    write("bench-gpu-tiny-2027-01-03", "gpu-tiny", "2027-01-03T00:00:00", [])  # toy sizes: never
+    full["workloads"]["W2"] = {"error": "worker failed"}
+    write("bench-cpu-2027-01-04", "cpu", "2027-01-04T00:00:00", ["W2"])  # an error measures nothing
+    newest = report.newest_results(tmp_path, "cpu")
+    assert {k: p.stem for k, (p, _) in newest.items()} == {
+        "W1": "bench-cpu-2026-11-30", "W2": "bench-cpu-2026-11-30", "W3": "bench-cpu-2027-01-02"}
+    (tmp_path / "bench-cpu-2026-11-30.json").unlink()  # no full run of W1 left: the quick one stands in
+    assert report.newest_results(tmp_path, "cpu")["W1"][0].stem == "bench-cpu-quick-2027-01-01"
+    assert report.newest_results(tmp_path, "gpu") == {}
 
 
 def test_jnn_bench_forwards_to_the_harness(capfd):
@@ -144,7 +253,7 @@ def test_a_terminated_harness_takes_its_worker_down(tmp_path):
 
 def test_guard_benchmark_writes_its_four_candidates_and_ratios(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.guard", "--workloads", "W1", "--rounds", "1",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.guard", "--workloads", "W1", "--rounds", "1",
                            "--block-seconds", "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -160,13 +269,13 @@ def test_guard_benchmark_writes_its_four_candidates_and_ratios(tmp_path):
 
 def test_guard_variants_benchmark_writes_every_variant(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.guard_variants", "--rounds", "1", "--block-seconds",
-                           "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.studies.guard_variants", "--rounds", "1",
+                           "--block-seconds", "0.001", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("guard-variants-*.json")
     w = json.loads(json_path.read_text())["workload"]
-    from benchmarks.guard_variants import VARIANTS
+    from benchmarks.studies.guard_variants import VARIANTS
 
     assert list(w["wall_ms"]) == list(VARIANTS) and all(v["median"] > 0 for v in w["wall_ms"].values())
     assert set(w["ratios"]) == {f"{v} / apply" for v in VARIANTS[1:]}

@@ -88,7 +88,7 @@ class Pipeline:
           shard_count: number of shards; default `jax.process_count()`.
           num_threads: grain threads computing batches ahead (0: compute on `next()`). Default: 0 on
             machines with 2 or fewer cores, where a prefetch thread only competes with the train
-            step (measured in `benchmarks/README.md`), else 1.
+            step (measured in `benchmarks/studies/README.md`), else 1.
           prefetch: batches grain keeps ready ahead of the consumer.
           worker_count: grain multiprocessing workers (0: none; threads suffice for numpy work and
             keep the state format `{"next_index": step}`).

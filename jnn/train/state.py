@@ -89,7 +89,7 @@ class TrainState(struct.PyTreeNode):
         naming its implementation; `state.key` is the typed key, and the step derives its
         randomness as `fold_in(state.key, step)`. Raw data, not a typed key: a jitted step returns
         the state, and rebuilding a typed key from its output costs ~20-35 us of Python per call
-        (measured in `benchmarks/README.md`), a tenth of a tiny model's step. A typed key put
+        (measured in `benchmarks/studies/README.md`), a tenth of a tiny model's step. A typed key put
         here (`state.replace(rng=jax.random.key(1))`) works too.
       model: how jnn runs the model (static; `jnn.train.model.LinenModel` or `NnxModel`).
       tx: the optax transformation (static).

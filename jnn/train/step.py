@@ -140,7 +140,7 @@ def _sums_finite(tree: Any) -> jax.Array:
     exactly when its values are, short of a sum past the dtype's range (~3e38 in float32; half
     precision sums in float32), which counts as non-finite too. For gradients.
 
-    The cheapest exact check found on a CPU (`benchmarks/README.md`, "The non-finite guard's cost"):
+    The cheapest exact check found on a CPU (`benchmarks/studies/README.md`, "The non-finite guard's cost"):
     a sum costs half a sum of squares (XLA:CPU squares in a separate pass), and there an array's
     sums over its leading axes as one product with ones (a library call, no reshape: a sharded
     axis stays sharded) cost less than XLA's reduction passes.
@@ -305,7 +305,7 @@ def make_train_step(
         (the global L2 norm of the gradient) and "learning_rate" (when the optimizer exposes one,
         as `jnn.optim.make_optimizer` and `optax.inject_hyperparams` do). Each costs a little:
         the gradient norm is one more pass over every gradient (measured in
-        `benchmarks/README.md`); `metrics=("loss",)` is the bare step.
+        `benchmarks/studies/README.md`); `metrics=("loss",)` is the bare step.
       validate: check the batch against the model before tracing (see `check_batch`).
       on_nonfinite: what a step whose loss, gradients or model state are not finite (NaN or Inf)
         does. "skip" (the default) and "raise": the step leaves params, opt_state and model_state
@@ -313,7 +313,7 @@ def make_train_step(
         and reports `nonfinite` = 1.0 in its metrics; `jnn.fit` counts those, stopping after
         `max_nonfinite` consecutive ones ("skip") or at the first ("raise") with an error naming
         the step and the batch position. With the default metrics the check reads the gradient
-        norm the `grad_norm` metric computes anyway (its cost: `benchmarks/README.md`). "apply":
+        norm the `grad_norm` metric computes anyway (its cost: `benchmarks/studies/README.md`). "apply":
         the bare step, which applies a NaN update (every parameter becomes NaN, silently).
 
     Returns:
@@ -382,7 +382,7 @@ def make_train_step(
             # donated buffers, where a select must first copy the old optimizer state. The gradients
             # are finite exactly when their global norm is (short of a norm that overflows float32,
             # |g| ~ 1e19, which counts as non-finite too); without the norm metric, their sums are
-            # the cheaper check (measured in benchmarks/README.md, "The non-finite guard's cost").
+            # the cheaper check (measured in benchmarks/studies/README.md, "The non-finite guard's cost").
             loss_ok = jnp.isfinite(loss) & _all_finite(new_model_state)
             grads_ok = jnp.isfinite(norm) if norm is not None else _sums_finite(grads)
             finite = loss_ok & grads_ok

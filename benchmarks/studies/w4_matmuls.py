@@ -1,6 +1,6 @@
 """Why W4 (the compute-bound MLP) cannot be 1.3x faster than PyTorch here: its matrix products.
 
-  python benchmarks/w4_matmuls.py            # ~2 min; --rounds 7
+  python -m benchmarks.studies.w4_matmuls     # ~2 min; --rounds 7
 
 W4's step (1024-2048x4-1024 MLP, batch 1024, Adam) is 15 matrix products: per Dense layer the
 forward (B, I) @ (I, O), the input gradient (B, O) @ (O, I) and the kernel gradient (I, B) @ (B, O).
@@ -10,7 +10,7 @@ JAX slows both), interleaved over rounds, and sums them per step. If PyTorch's p
 about what XLA's do, no train step built on XLA's products can be 1.3x faster than PyTorch's: the
 rest of the step (Adam, ReLU, softmax) is a few percent of it.
 
-Writes `results/w4_matmuls-<date>.json` and `.md`.
+Writes `results/studies/w4_matmuls-<date>.json` and `.md`.
 """
 from __future__ import annotations
 
@@ -20,11 +20,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/w4_matmuls.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 BATCH = 1024
 WIDTHS = (1024, 2048, 2048, 2048, 2048, 1024)
@@ -76,7 +73,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/studies)")
     args = parser.parse_args(argv)
 
     import importlib.util

@@ -3,8 +3,8 @@
 Compare the numbers with the train step's examples/s: the pipeline must never be the bottleneck.
 
 Run:
-  python benchmarks/pipeline.py   # ~1 s per row; writes benchmarks/results/pipeline-<date>.json
-  python benchmarks/pipeline.py --seconds 0.2 --no-save   # quick look
+  python -m benchmarks.studies.pipeline   # ~1 s per row; writes benchmarks/results/studies/pipeline-<date>.json
+  python -m benchmarks.studies.pipeline --seconds 0.2 --no-save   # quick look
 
 Rows: digits (real data, 8x8x1), MNIST-shaped (28x28x1) and CIFAR-shaped (32x32x3) synthetic data,
 batch 128, with and without augmentation, through grain (the default path, with 0 or more
@@ -19,15 +19,12 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 
 import grain
 
 import jnn.data as jd
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (benchmarks/common.py: the scripts run as files, not a package)
+from benchmarks import common
 
 BATCH_SIZE = 128
 
@@ -124,7 +121,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="measuring time per row")
     parser.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/pipeline-<date>.json)"
+        "--out", default=None, help="JSON path (default benchmarks/results/studies/pipeline-<date>.json)"
     )
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
@@ -135,8 +132,7 @@ def main(argv=None) -> None:
     common.finish(env)
     if args.no_save:
         return
-    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    out = args.out or os.path.join(results, f"pipeline-{datetime.date.today()}.json")
+    out = args.out or os.path.join(common.STUDY_RESULTS, f"pipeline-{datetime.date.today()}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({**env, "seconds_per_row": args.seconds, "rows": rows}, f, indent=2)

@@ -1,7 +1,7 @@
 """Step time under jnn's precision policies vs float32, in one run (ready for the GPU run too).
 
-  python benchmarks/precision.py                          # digits_cnn, mlp_mnist, gpt_char_tiny
-  python benchmarks/precision.py --workloads resnet20 --rounds 5 --no-save
+  python -m benchmarks.studies.precision                 # digits_cnn, mlp_mnist, gpt_char_tiny
+  python -m benchmarks.studies.precision --workloads resnet20 --rounds 5 --no-save
 
 Candidates per workload, the same model and synthetic batches as `step.py`, Adam(1e-3):
   float32     jax.jit(jnn.make_train_step(loss), donate_argnums=0)
@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from step import LR, WORKLOADS, JaxCandidate, copy, make_batches  # noqa: E402
+import jax
+import optax
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-
-import jnn  # noqa: E402
+import jnn
+from benchmarks import common
+from benchmarks.studies.step import LR, WORKLOADS, JaxCandidate, copy, make_batches
 
 POLICIES = ("float32", "mixed_bf16", "mixed_f16")
 

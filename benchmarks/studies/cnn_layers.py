@@ -1,7 +1,7 @@
 """Train-step time of the CNN workloads with `jnn.layers`' CPU formulations vs XLA's native ops.
 
-  python benchmarks/cnn_layers.py                          # W3 and W5 + the per-op table, ~8 min
-  python benchmarks/cnn_layers.py --workloads W3 --rounds 5 --no-ops --no-save
+  python -m benchmarks.studies.cnn_layers                  # W3 and W5 + the per-op table, ~8 min
+  python -m benchmarks.studies.cnn_layers --workloads W3 --rounds 5 --no-ops --no-save
 
 Candidates per workload (`benchmarks/workloads.py`: W3 is the Keras MNIST CNN `cnn_keras_mnist`,
 W5 CIFAR ResNet-20, both at batch 128), on the same synthetic batches and initial parameters:
@@ -23,11 +23,8 @@ import argparse
 import functools
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/cnn_layers.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, harness  # noqa: E402
+from benchmarks import common, harness, loss_check
 
 WORKLOADS = ("W3", "W5")
 # (name, input shape, window, strides, padding) of the pooling layers timed in the per-op table.
@@ -70,7 +67,7 @@ def step_candidates(w, impls=("native", "fast", "jnn_jit")) -> dict:
         with layers.using("native" if impl == "native" else "fast"):
             losses[impl] = cand.first_step()
         cands[impl] = cand
-    harness.check_same_loss(losses, reference=impls[0])
+    loss_check.check_same_loss(losses, reference=impls[0])
     return cands
 
 
@@ -200,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     p.add_argument("--no-save", action="store_true")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results/studies)")
     args = p.parse_args(argv)
     env = common.environment()
     from benchmarks import workloads as wl

@@ -1,4 +1,4 @@
-"""The non-finite guard's cost: `python -m benchmarks.guard` (default W1 and W3, ~1 min on 2 cores).
+"""The non-finite guard's cost: `python -m benchmarks.studies.guard` (default W1 and W3, ~1 min on 2 cores).
 
 For each harness workload (`benchmarks/workloads.py`), jnn's own step compiled as the harness
 compiles it (`jnn.jit(jnn.make_train_step(...), donate_argnums=0)`, Adam(1e-3), the same synthetic
@@ -11,7 +11,7 @@ batches), four candidates in one process, blocks of steps interleaved over round
   skip_norm    "skip" with "grad_norm": the guard reads the norm the metric computes anyway
 
 Ratios are medians of per-round ratios [min, max], wall-clock and CPU time of this process; the
-issue's target is skip / apply <= 1.02. Writes results/guard-<date>.{json,md}.
+issue's target is skip / apply <= 1.02. Writes results/studies/guard-<date>.{json,md}.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.guard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.guard", description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=["W1", "W3"])
     common.add_run_arguments(p, rounds=21, block_seconds=0.15)
     args = p.parse_args(argv)

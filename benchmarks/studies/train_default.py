@@ -1,7 +1,7 @@
 """Wall time of the default `jnn train` (digits) as a user runs it, and where the time goes.
 
-  python benchmarks/train_default.py              # ~3 min on 2 busy cores; writes benchmarks/results/
-  python benchmarks/train_default.py --repeats 1 --no-save
+  python -m benchmarks.studies.train_default       # ~3 min on 2 busy cores; writes benchmarks/results/studies/
+  python -m benchmarks.studies.train_default --repeats 1 --no-save
 
 Three parts:
   1. `jnn train --run-dir <tmp>` in a fresh process, `--repeats` times (process start, imports, data
@@ -35,8 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (imports no jax: the parent process stays light)
+from benchmarks import common  # imports no jax: the parent process stays light
 
 TARGET_S = 15.0
 PIPELINE_TARGET = 10.0
@@ -288,7 +287,7 @@ def pipeline_vs_step(jnn, seconds: float, rounds: int) -> dict:
     import jax
     import numpy as np
 
-    from pipeline import measure  # benchmarks/pipeline.py: examples/s of an iterator
+    from benchmarks.studies.pipeline import measure  # examples/s of an iterator
 
     digits = jnn.presets.get("digits")
     mlp = jnn.presets.get("mlp_mnist")
@@ -389,7 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=7, help="rounds of the pipeline/step throughput comparison")
     p.add_argument("--seconds", type=float, default=0.4, help="time per throughput block")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/studies)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -404,7 +403,7 @@ def main(argv=None) -> int:
     cli = cli_runs(args.repeats)
     print("in-process breakdown and throughput (child process):", flush=True)
     la = common.load_average()
-    c = run_process([sys.executable, __file__, "--child", "--rounds", str(args.rounds),
+    c = run_process([sys.executable, "-m", "benchmarks.studies.train_default", "--child", "--rounds", str(args.rounds),
                      "--seconds", str(args.seconds)], os.getcwd())
     if c["returncode"] != 0:
         print(c["stdout"])

@@ -1,7 +1,7 @@
 """Per-step cost of jnn's compiled train step vs what a user would write instead, in one run.
 
-  python benchmarks/step.py                       # all workloads, ~4 min on 2 cores
-  python benchmarks/step.py --workloads digits_cnn mlp_mnist --rounds 5 --no-save
+  python -m benchmarks.studies.step                # all workloads, ~4 min on 2 cores
+  python -m benchmarks.studies.step --workloads digits_cnn mlp_mnist --rounds 5 --no-save
 
 Candidates, all training the same flax model with Adam(1e-3) on the same synthetic batches:
   jnn              jax.jit(jnn.make_train_step(loss, on_nonfinite="apply"), donate_argnums=0), state from
@@ -35,18 +35,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax.training import train_state  # noqa: E402
-
-import jnn  # noqa: E402
+import jnn
+from benchmarks import common
 
 # name -> (batch size, number of classes / vocabulary). resnet20 runs at batch 32, not the
 # preset's 128: one step at 128 takes ~0.5 s on 2 cores, which would make the run ~15 min.
@@ -363,7 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--block-seconds", type=float, default=0.25, help="target time of one block of steps")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/studies)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""Where a non-finite guard's cost goes: `python -m benchmarks.guard_variants` (~2 min on 2 cores).
+"""Where a non-finite guard's cost goes: `python -m benchmarks.studies.guard_variants` (~2 min on 2 cores).
 
 Variants of one hand-written step (a harness workload's flax model, default W1, Adam(1e-3),
 softmax cross-entropy, "loss" and "accuracy" metrics; `jax.jit` with the state donated), blocks of
@@ -15,7 +15,7 @@ the same number of steps interleaved over rounds, in one process:
   select         the update always computed, then a select of new or old over the whole state
 
 Ratios to `apply` are medians of per-round ratios [min, max] (wall, and CPU time of this process).
-Writes results/guard-variants-<date>.{json,md}.
+Writes results/studies/guard-variants-<date>.{json,md}.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.guard_variants", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.guard_variants", description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="W1", choices=sorted(wl.cpu_workloads()))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="the first is the baseline of the ratios")
