@@ -1,6 +1,6 @@
 """GPT-2's output head and loss alone: which form of the slice and the cross-entropy is fastest.
 
-  python benchmarks/studies/lm_head.py [--tiny] [--steps 20]
+  python -m benchmarks.studies.lm_head [--tiny] [--steps 20] [--out results/studies/lm_head.json]
 
 The head of G1 (GPT-2 small, batch 16 x 1024, vocabulary 50,257 padded to 50,304) is one matmul
 and a softmax over 50,257 classes, forward and backward: the part of the step the 2026-12-04 H200
