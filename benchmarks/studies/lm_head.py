@@ -13,6 +13,7 @@ profile found in its reductions (17%) and a 1.2 ms pad. Each variant computes th
   bf16_fused    logits[..., :V] left in bfloat16, `fused_cross_entropy` (upcasts in its reductions)
   online_fused  as bf16_fused, the log-normaliser in one pass (a variadic reduce of max and sum)
   mask          padded logits, the padding set to -inf (no slice, so no pad in the backward)
+  mask_fused    the same, `fused_cross_entropy`
   unpadded      W with 50,257 rows (no padding at all)
 
 Then the whole G1 step (jnn's, as the harness builds it) with "cross_entropy" and
@@ -71,6 +72,8 @@ def variants(v: int):
         "slice_fused": lambda h, w, y: losses.fused_cross_entropy(head(h, w)[..., :v].astype(jnp.float32), y).mean(),
         "bf16_fused": lambda h, w, y: losses.fused_cross_entropy(head(h, w)[..., :v], y).mean(),
         "online_fused": lambda h, w, y: online_ce(head(h, w)[..., :v], y).mean(),
+        "mask_fused": lambda h, w, y: losses.fused_cross_entropy(
+            jnp.where(jnp.arange(w.shape[0]) < v, head(h, w), -jnp.inf), y).mean(),
         "mask": lambda h, w, y: ce(jnp.where(jnp.arange(w.shape[0]) < v, head(h, w), -jnp.inf).astype(jnp.float32), y),
         "unpadded": lambda h, w, y: ce(head(h, w[:v]).astype(jnp.float32), y),
     }
