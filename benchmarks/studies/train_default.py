@@ -20,7 +20,8 @@ Three parts:
      on digits (batch 64, the digits preset's crop augmentation) vs the digits preset's step, and
      on synthetic MNIST shapes (28x28x1, batch 128, no augmentation as in the mlp_mnist preset) vs
      the mlp_mnist step. The issue asks for pipeline examples/s >= 10x step examples/s.
-Target in the issue: the default `jnn train` finishes in under 15 s on a 2-core CPU.
+Targets (issue 24): the default `jnn train` finishes in under 5 s with a warm compilation cache and
+under 7 s with it off, on a 2-core CPU, at test accuracy >= 99%.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from pathlib import Path
 
 from benchmarks import common  # imports no jax: the parent process stays light
 
-TARGET_S = 15.0
+TARGET_S = 7.0  # compilation cache off (a first run)
+TARGET_WARM_S = 5.0  # compilation cache warm
 PIPELINE_TARGET = 10.0
 
 # Rows of the breakdown.
@@ -348,7 +350,8 @@ def markdown(result: dict) -> str:
     train = cli["jnn train"]
     lines = [f"# Default `jnn train` (digits): wall time and breakdown ({env['date'][:10]})", "",
              common.env_line(env), "",
-             f"Target: under {TARGET_S:.0f} s on a 2-core CPU, process start and compilation included.", "",
+             f"Targets: under {TARGET_WARM_S:.0f} s with a warm compilation cache, under {TARGET_S:.0f} s with it off, "
+             f"on a 2-core CPU, process start and compilation included.", "",
              f"## `jnn train --run-dir <tmp>` in a fresh process ({len(train['runs'])} runs, interleaved "
              "with the floors)", "",
              "| command | wall s: median [min, max] | user+sys CPU s: median [min, max] |", "|---|---|---|"]
@@ -413,7 +416,7 @@ def main(argv=None) -> int:
     in_process = json.loads(lines[-1])
     in_process["load_average_before"] = la
     in_process["child_process"] = {k: c[k] for k in ("wall_s", "user_s", "sys_s", "cpu_s")}
-    common.publish("train_default", env, args, {"target_s": TARGET_S, "cli": cli, "in_process": in_process}, markdown)
+    common.publish("train_default", env, args, {"target_s": TARGET_S, "target_warm_s": TARGET_WARM_S, "cli": cli, "in_process": in_process}, markdown)
     return 0
 
 
