@@ -341,7 +341,9 @@ def _compile_eval_step_after_first_call(exp: Experiment, state: TrainState) -> C
         except Exception:  # noqa: BLE001 - best effort, see above
             pass
 
-    pending = [threading.Thread(target=compile_eval_step, name="jnn-compile-eval", daemon=True)]
+    # Not a daemon: the interpreter waits for it before it finalises (a preempted run exits within
+    # a second; a daemon thread still inside XLA's compiler at exit aborts the process).
+    pending = [threading.Thread(target=compile_eval_step, name="jnn-compile-eval")]
 
     def train_step(state, batch):
         out = exp.train_step(state, batch)

@@ -47,7 +47,11 @@ if __name__ == "__main__":
 def _start(script, directory):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "PYTHONPATH": root}
+           "PYTHONPATH": root,
+           # Restarts load the compiled programs instead of compiling them again (as `jnn train` does), so
+           # the kills land in steps, saves and deletions rather than in the compiler.
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(str(directory)), "xla-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     return subprocess.Popen([sys.executable, str(script), str(directory), str(TARGET)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env)
 

@@ -120,7 +120,7 @@ def test_a_claim_dies_with_its_process(tmp_path):
 
 # ---- jnn train, with real signals and a second writer ---------------------------------------------
 
-TRAIN_STEPS = 1500
+TRAIN_STEPS = 600
 
 
 def _env(cache):
@@ -135,7 +135,7 @@ def jnn_train(run, cache, *extra, processes=1):
     if ckpt.is_dir() and any(d.isdigit() for d in os.listdir(ckpt)):
         args = ["--resume", str(run)]
     else:
-        args = ["--debug", "--run-dir", str(run), "--set", f"train.steps={TRAIN_STEPS}", "--set", "train.eval_every=250",
+        args = ["--debug", "--run-dir", str(run), "--set", f"train.steps={TRAIN_STEPS}", "--set", "train.eval_every=200",
                 "--set", "train.log_every=25"]
     if processes > 1:
         args += ["--processes", str(processes)]
