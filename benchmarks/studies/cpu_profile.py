@@ -207,12 +207,22 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--single-thread", action="store_true",
+                   help="XLA without Eigen's thread pool and PyTorch at 1 thread: every op runs to completion "
+                        "inside its own trace event (multi-threaded, XLA:CPU's convolutions finish in Eigen's "
+                        "pool after their event ends, so the trace under-counts them)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/studies)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    if args.single_thread:  # before JAX starts
+        import os
+
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        args.threads = 1
     env = common.environment(("jax", "jaxlib", "flax", "optax", "numpy", "torch"))
     start = time.perf_counter()
-    result = {"benchmark": f"cpu_profile-{args.workload}", "workload": args.workload, "steps": args.steps,
+    result = {"benchmark": f"cpu_profile-{args.workload}" + ("-1thread" if args.single_thread else ""),
+              "workload": args.workload, "steps": args.steps, "single_thread": args.single_thread,
               "environment": env, "jnn": jnn_profile(args.workload, args.steps)}
     if not args.no_torch and common.version("torch"):
         result["torch"] = torch_profile(args.workload, args.steps, args.threads)
