@@ -177,6 +177,16 @@ def publish(name: str, env: dict, args: Any, body: dict, markdown: Callable[[dic
     return result
 
 
+def kind_of(name: str, kinds: Iterable[tuple[str, Iterable[str]]]) -> str:
+    """The first kind of `kinds` ((kind, substrings) pairs) with a substring in the lower-cased
+    `name`, or "other": how the profiles group kernels and ops."""
+    low = name.lower()
+    for kind, keys in kinds:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
 def kill_group(pid: int) -> None:
     """SIGKILLs the process group led by `pid` (a child started with `start_new_session=True` and
     everything it started), if it still exists."""

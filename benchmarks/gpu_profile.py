@@ -31,11 +31,9 @@ KINDS = (  # first match wins; matched against the lower-cased kernel name
 
 
 def kind_of(name: str) -> str:
-    low = name.lower()
-    for kind, keys in KINDS:
-        if any(k in low for k in keys):
-            return kind
-    return "other"
+    from benchmarks import common
+
+    return common.kind_of(name, KINDS)
 
 
 def device_times(trace_path: Path) -> tuple[dict[str, float], str]:

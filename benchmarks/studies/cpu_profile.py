@@ -47,11 +47,7 @@ TORCH_KINDS = (
 
 
 def torch_kind(name: str) -> str:
-    low = name.lower()
-    for kind, keys in TORCH_KINDS:
-        if any(k in low for k in keys):
-            return kind
-    return "other"
+    return common.kind_of(name, TORCH_KINDS)
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict]:
