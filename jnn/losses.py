@@ -63,7 +63,10 @@ def fused_cross_entropy(logits: Array, labels: Array) -> Array:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"fused_cross_entropy: expected integer class ids, received labels of dtype {labels.dtype}. "
                         f"Fix: use loss 'cross_entropy' for one-hot or soft labels.")
-    return _fused_ce(logits, labels.astype(jnp.int32))
+    labels = labels.astype(jnp.int32)
+    # A negative id counts from the end, as `cross_entropy`'s `take_along_axis` reads it: the same
+    # class in the forward pass and in the backward pass's one-hot.
+    return _fused_ce(logits, jnp.where(labels < 0, labels + logits.shape[-1], labels))
 
 
 def _fused_ce_parts(logits: Array, labels: Array) -> tuple[Array, Array]:

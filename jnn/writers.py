@@ -6,6 +6,7 @@ Values are host floats: the loop converts device metrics once per logging interv
 """
 from __future__ import annotations
 
+import importlib.abc
 import json
 import math
 import os
@@ -46,20 +47,34 @@ def summary_writer():
 
     `tensorboardX.writer` imports PyTorch when it is installed, only to annotate its arguments
     (`numpy_compatible`): 2 s of CPU per process for scalars that never meet a tensor. While it is
-    first imported, and only if PyTorch is not imported yet, `torch` reads as absent; tensorboardX
-    imports it again inside the functions that take tensors, and a process that imports PyTorch
-    itself is unaffected.
+    first imported, and only if PyTorch is not imported yet, `import torch` fails in this thread
+    alone (`_NoTorchHere`); other threads import it as usual, tensorboardX imports it again inside
+    the functions that take tensors, and a process that imports PyTorch itself is unaffected.
     """
     with _TENSORBOARDX_LOCK:
-        hide = "torch" not in sys.modules and "tensorboardX.writer" not in sys.modules
-        if hide:
-            sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+        finder = None
+        if "torch" not in sys.modules and "tensorboardX.writer" not in sys.modules:
+            finder = _NoTorchHere()
+            sys.meta_path.insert(0, finder)
         try:
             from tensorboardX import SummaryWriter
         finally:
-            if hide and sys.modules.get("torch", 0) is None:
-                del sys.modules["torch"]
+            if finder is not None:
+                sys.meta_path.remove(finder)
     return SummaryWriter
+
+
+class _NoTorchHere(importlib.abc.MetaPathFinder):
+    """Finds no `torch` for the thread that created it (an import there raises ModuleNotFoundError);
+    every other import, and every other thread, goes on to the next finders."""
+
+    def __init__(self):
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name, path=None, target=None):
+        if threading.get_ident() == self.thread and name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r} (jnn imports tensorboardX without it)", name=name)
+        return None
 
 
 _TENSORBOARDX_LOCK = threading.Lock()

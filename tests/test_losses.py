@@ -176,6 +176,11 @@ def test_fused_cross_entropy_equals_cross_entropy_and_its_gradients():
     with jax.enable_x64(True):  # reverse mode, orders 1 and 2 (a custom VJP has no forward mode)
         check_grads(jax.jit(lambda a: losses.fused_cross_entropy(a, _int_labels()).sum()), (_logits(),), order=2,
                     modes=("rev",), atol=tol.GRAD_CHECK_ATOL, rtol=tol.GRAD_CHECK_RTOL, eps=tol.FINITE_DIFF_EPS)
+    # A negative id is the class counted from the end, in the value and in the gradient alike.
+    neg = jnp.asarray([-1, 0, -C])
+    np.testing.assert_allclose(losses.fused_cross_entropy(z[0, :3], neg), losses.cross_entropy(z[0, :3], neg), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda a: losses.fused_cross_entropy(a, neg).sum())(z[0, :3]),
+                               jax.grad(lambda a: losses.cross_entropy(a, neg).sum())(z[0, :3]), atol=1e-7)
     with pytest.raises(TypeError, match="integer class ids.*Fix: use loss 'cross_entropy'"):
         losses.fused_cross_entropy(z, jax.nn.one_hot(y, C))
     assert losses.get("fused_cross_entropy") is losses.fused_cross_entropy
@@ -184,12 +189,13 @@ def test_fused_cross_entropy_equals_cross_entropy_and_its_gradients():
 def test_fused_cross_entropy_keeps_no_softmax_for_the_backward_pass():
     """What it is for: the plain loss's backward pass keeps a float32 softmax of the logits' size;
     the fused one keeps the log-normaliser (one float per row)."""
-    z = jnp.zeros((512, 2048), jnp.float32)
     y = jnp.zeros((512,), jnp.int32)
+    for dtype in (jnp.float32, jnp.bfloat16):  # bfloat16: a float32 upcast kept would show
+        z = jnp.zeros((512, 2048), dtype)
 
-    def residual_bytes(loss):
-        _, vjp = jax.vjp(lambda a: loss(a, y).mean(), z)
-        return sum(x.nbytes for x in jax.tree.leaves(vjp) if hasattr(x, "nbytes") and x is not z)
+        def residual_bytes(loss):
+            _, vjp = jax.vjp(lambda a: loss(a, y).mean(), z)  # noqa: B023
+            return sum(x.nbytes for x in jax.tree.leaves(vjp) if hasattr(x, "nbytes") and x is not z)  # noqa: B023
 
-    assert residual_bytes(losses.cross_entropy) >= z.nbytes  # a (512, 2048) float32 array
-    assert residual_bytes(losses.fused_cross_entropy) <= 512 * 4 * 2  # the normaliser and labels
+        assert residual_bytes(losses.cross_entropy) >= z.nbytes  # a (512, 2048) array
+        assert residual_bytes(losses.fused_cross_entropy) <= 512 * 4 * 2  # the normaliser and the labels

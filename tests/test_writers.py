@@ -163,3 +163,35 @@ def test_tensorboard_events_are_written_without_importing_pytorch(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "2.0"]
     assert _read_tensorboard_scalars(tmp_path / "tb")["train/loss"] == [(1, np.float32(0.5))]
+
+
+def test_importing_tensorboardx_hides_pytorch_from_that_thread_only():
+    """While jnn imports tensorboardX without PyTorch, another thread's `import torch` still works."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading
+from jnn import writers
+real = writers._NoTorchHere.find_spec
+entered, release, seen = threading.Event(), threading.Event(), []
+def slow(self, name, path=None, target=None):  # hold the import of tensorboardX, its hiding in place
+    if name == "tensorboardX" and not entered.is_set():
+        entered.set(); release.wait(60)
+    return real(self, name, path, target)
+writers._NoTorchHere.find_spec = slow
+t = threading.Thread(target=writers.summary_writer); t.start()
+entered.wait(60)
+import importlib.util
+seen.append(importlib.util.find_spec("torch") is not None)
+import torch
+seen.append(torch.ones(2).sum().item())
+release.set(); t.join()
+import tensorboardX.writer as w
+print(seen, w.numpy_compatible.__module__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The other thread found and imported torch while the hiding was in place.
+    assert out.stdout.split()[:2] == ["[True,", "2.0]"], out.stdout
