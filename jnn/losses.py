@@ -71,8 +71,7 @@ def fused_cross_entropy(logits: Array, labels: Array) -> Array:
 
 def _fused_ce_parts(logits: Array, labels: Array) -> tuple[Array, Array]:
     x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    top = jax.lax.stop_gradient(jnp.max(x, axis=-1))
-    lse = jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1)) + top
+    lse = jax.nn.logsumexp(x, axis=-1)  # as optax's integer cross-entropy computes it
     label_logit = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
     return lse - label_logit, lse
 
