@@ -11,6 +11,8 @@ import pytest
 import jnn
 from jnn import adversarial
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 B = 32
 
 

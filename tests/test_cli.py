@@ -154,6 +154,7 @@ def test_a_restore_error_is_one_line_without_tracebacks(tmp_path, capfd):
 
 
 
+@pytest.mark.slow
 def test_fine_tune_from_a_run_with_lora_from_the_command_line(tmp_path, capsys):
     pre = tmp_path / "pre"
     assert cli.main(["train", "--debug", "--run-dir", str(pre)]) == 0
@@ -169,6 +170,7 @@ def test_fine_tune_from_a_run_with_lora_from_the_command_line(tmp_path, capsys):
     chex.assert_trees_all_equal(saved.params["base"], pretrained.params)  # the base stayed frozen
 
 
+@pytest.mark.slow
 def test_the_toolbox_from_the_command_line(tmp_path, capsys):
     """One debug run with every technique of the toolbox set from the command line: a plateau
     schedule (mode "max" on the loss: every evaluation after the first halves the rate), the L2

@@ -12,6 +12,8 @@ import pytest
 from tests import tolerances as tol
 from jnn import layers, models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 # (input shape, window, strides, padding): non-overlapping (divisible or not), overlapping with
 # padding (ResNet's stem pool), SAME, uneven windows, one spatial dim, and no batch dim.
 POOL_CASES = [

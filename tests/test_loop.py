@@ -10,6 +10,8 @@ from jnn.checkpoint import Checkpointer
 from jnn.train.loop import EarlyStopping, evaluate, fit, pad_batch
 from tests._tiny import TinyBNDropout
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 CE = optax.softmax_cross_entropy_with_integer_labels
 
 

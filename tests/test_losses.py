@@ -8,6 +8,8 @@ from jax.test_util import check_grads
 from jnn import losses
 from tests import tolerances as tol
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 C = 5
 
 

@@ -17,6 +17,8 @@ import jnn
 from jnn import parallel
 from tests import tolerances as tol
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 CE = optax.softmax_cross_entropy_with_integer_labels
 B, F, C = 16, 6, 4
 

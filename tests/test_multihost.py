@@ -154,6 +154,15 @@ def test_launcher_kills_the_others_when_one_fails():
     assert time.monotonic() - start < 30  # process 0 was killed, not waited for
 
 
+def test_launcher_sets_the_device_count_and_keeps_the_other_xla_flags(monkeypatch):
+    """A user's own XLA flags (a dump directory, an optimisation level) reach every child."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/dumps --xla_force_host_platform_device_count=8")
+    script = ("import os, sys\n"
+              "want = '--xla_dump_to=/tmp/dumps --xla_force_host_platform_device_count=3'\n"
+              "sys.exit(0 if os.environ['XLA_FLAGS'] == want else 5)\n")
+    assert parallel.launch_local([sys.executable, "-c", script], 2, devices_per_process=3, timeout_s=HANG_LIMIT_S) == 0
+
+
 def test_launcher_timeout_kills_everything():
     code = parallel.launch_local([sys.executable, "-c", "import time; time.sleep(60)"], 2, timeout_s=1)
     assert code == 124

@@ -12,6 +12,8 @@ from jnn.train.step import TRAIN_METRICS, _all_finite, _global_norm, _sums_finit
 from tests import tolerances as tol
 from tests._tiny import TinyBNDropout
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 B, F, C = 16, 5, 3
 
 

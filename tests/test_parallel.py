@@ -18,6 +18,8 @@ from jnn import parallel
 from tests import tolerances as tol
 from tests._parallel_models import BNNet, CE, MLP, STEPS, batches, optimizer
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 MODELS = {"mlp": MLP, "bn": BNNet}
 PATHS = ("jit-2", "jit-4", "jit-8", "jit-4x2", "fsdp-8", "fsdp-4x2", "pmap-8", "shard_map-8")  # 4x2: data x model
 BATCHES = batches()

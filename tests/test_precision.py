@@ -120,6 +120,7 @@ def _products(state, x) -> dict:
     return precision.product_flops_by_dtype(jaxpr)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, dtype", [("mixed_bf16", "bfloat16"), ("mixed_f16", "float16")])
 def test_zoo_models_that_pin_float32_compute_in_the_policy_dtype(policy, dtype):
     """jnn's zoo models declare dtype=float32, which made flax promote the cast parameters back to

@@ -11,6 +11,8 @@ import jnn
 from tests import tolerances as tol
 from tests._tiny import TinyBNDropout, TinyMLP
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 CE = optax.softmax_cross_entropy_with_integer_labels
 
 

@@ -13,6 +13,8 @@ import jnn
 from jnn import compiler
 from jnn import cli
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 
 def _published(name):
     """The parameter count a zoo preset's description publishes, e.g. "(62,006 params)"."""

@@ -18,6 +18,8 @@ from tests._mutants import (BUGS, CORRECT, NnxBNDropout, NoisyMomentumBN, TwoInp
                             F)
 from tests._tiny import TinyBNDropout, TinyMLP
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 
 def _failure(model, inputs=X, labels=Y, **kwargs):
     with pytest.raises(jnn.testing.ModelCheckError) as caught, jax.numpy_rank_promotion("allow"):
@@ -146,6 +148,7 @@ def test_check_parallel_refuses_a_batch_that_does_not_divide():
         jnn.testing.check_parallel(TinyMLP(), XP[:12], YP[:12], devices=8)
 
 
+@pytest.mark.slow
 def test_check_parallel_from_a_process_with_one_device(tmp_path):
     """A user's test suite on a laptop: JAX already started with one CPU device."""
     script = tmp_path / "one_device.py"
@@ -176,6 +179,7 @@ def pathlib_root():
 # ---- the pytest entry point -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_model_tests_gives_one_pytest_test_per_check(tmp_path):
     test_file = tmp_path / "test_user_model.py"
     test_file.write_text(textwrap.dedent("""

@@ -9,6 +9,8 @@ import pytest
 import jnn
 from tests._mutants import BUGS, CORRECT
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -30,6 +32,7 @@ def test_each_bug_is_caught_by_its_check(name):
     assert failure.expected and failure.got and failure.cause and failure.fix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CORRECT))
 def test_correct_models_pass_every_check(name):
     report = _check(CORRECT[name])

@@ -14,6 +14,8 @@ from tests import tolerances as tol
 from tests._parallel_models import BNNet, CE, MLP, batches
 from tests._tiny import TinyBNDropout
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 BATCHES = batches(steps=10, batch_size=16)
 X0 = BATCHES[0]["inputs"][:1]
 

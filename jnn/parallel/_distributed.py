@@ -176,6 +176,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_cpu_devices(xla_flags: str, devices: int) -> str:
+    """`xla_flags` (an `XLA_FLAGS` value) with its fake CPU device count set to `devices`, every other
+    flag kept (a user's `--xla_dump_to`, a test's optimisation level)."""
+    kept = [f for f in xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process: int | None = None,
                  timeout_s: float | None = None, env: Mapping[str, str] | None = None,
                  poll_s: float = 0.05) -> int:
@@ -189,7 +196,8 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
     Args:
       argv: the command, e.g. `[sys.executable, "train.py", "--steps", "10"]`.
       num_processes: how many processes.
-      devices_per_process: fake CPU devices per process (sets XLA_FLAGS and JAX_PLATFORMS=cpu).
+      devices_per_process: fake CPU devices per process (sets their count in XLA_FLAGS, keeping the
+        other flags, and JAX_PLATFORMS=cpu).
       timeout_s: wall-clock limit for the whole run.
       env: extra environment variables for the children.
       poll_s: how often to check the children.
@@ -205,7 +213,7 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
     base["JNN_COORDINATOR"] = f"127.0.0.1:{free_port()}"
     base["JNN_NUM_PROCESSES"] = str(num_processes)
     if devices_per_process is not None:
-        base["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+        base["XLA_FLAGS"] = with_cpu_devices(base.get("XLA_FLAGS", ""), devices_per_process)
         base["JAX_PLATFORMS"] = "cpu"
     children: list[subprocess.Popen] = []
 

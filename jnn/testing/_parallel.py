@@ -271,10 +271,11 @@ def _in_subprocess(args: dict, timeout: float) -> ParallelReport:
 
     import cloudpickle  # noqa: PLC0415 - grain's dependency; pickles test-local model classes by value
 
+    from jnn.parallel._distributed import with_cpu_devices  # noqa: PLC0415
+
     args = dict(args, config={name: getattr(jax.config, name) for name in _CONFIG})
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-               XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={args['devices']}"]))
+               XLA_FLAGS=with_cpu_devices(os.environ.get("XLA_FLAGS", ""), args["devices"]))
     with tempfile.TemporaryDirectory(prefix="jnn-check-parallel-") as tmp:
         request, answer = os.path.join(tmp, "request.pkl"), os.path.join(tmp, "answer.pkl")
         with open(request, "wb") as f:

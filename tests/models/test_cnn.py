@@ -9,6 +9,8 @@ import _zoo_helpers as zh
 from tests import tolerances as tol
 from jnn import models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 # Trainable parameters, counted by hand from the reference architectures.
 PARAMS = {
     "lenet5": 62_006,  # the PyTorch CIFAR-10 tutorial prints the same

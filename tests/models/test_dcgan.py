@@ -10,6 +10,8 @@ import _zoo_helpers as zh
 from tests import tolerances as tol
 from jnn import models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 # TensorFlow's DCGAN tutorial model.summary(): generator 2,330,944 total of which 25,472 are
 # BatchNorm moving statistics; discriminator 212,865.
 PARAMS = {"dcgan_mnist_generator": 2_305_472, "dcgan_mnist_discriminator": 212_865,

@@ -9,6 +9,8 @@ import _zoo_helpers as zh
 from tests import tolerances as tol
 from jnn import models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 
 def lstm(i, h):  # flax OptimizedLSTMCell: 4 input kernels (no bias), 4 hidden kernels + biases
     return 4 * i * h + 4 * (h * h + h)

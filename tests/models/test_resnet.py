@@ -9,6 +9,8 @@ import _zoo_helpers as zh
 from tests import tolerances as tol
 from jnn import models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 # Option A (zero-padding shortcuts, He et al.) has no shortcut parameters: ResNet-20 has 269,722
 # (as the widely used akamaster/pytorch_resnet_cifar10 prints). The 272,474 sometimes quoted is
 # option B: + 2,752 for the two 1x1 projection convolutions and their BatchNorms.

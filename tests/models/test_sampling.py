@@ -5,6 +5,8 @@ import pytest
 
 import jnn
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def lm():

@@ -9,6 +9,8 @@ import _zoo_helpers as zh
 from tests import tolerances as tol
 from jnn import models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 PARAMS = {
     "gpt2_small": 124_439_808,  # GPT-2 124M with tied embeddings (HF/nanoGPT count)
     # nanoGPT prints 10.65M for shakespeare_char because it leaves out the 256x384 positions.
@@ -188,6 +190,7 @@ def test_attention_default_implementation_per_backend(monkeypatch):
     assert seen and set(seen) == {"cudnn"}
 
 
+@pytest.mark.slow
 def test_gpt_vocab_padding_leaves_outputs_loss_and_gradients_unchanged():
     """GPT(vocab_multiple=m) pads the token table and head to a multiple of m rows and slices the
     logits back: with the same weights in the first vocab_size rows, the same logits, loss and
@@ -210,8 +213,11 @@ def test_gpt_vocab_padding_leaves_outputs_loss_and_gradients_unchanged():
         logits = model.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean(), logits
 
-    (want, want_logits), want_grads = jax.value_and_grad(loss, has_aux=True)(params, plain)
-    (got, got_logits), got_grads = jax.value_and_grad(loss, has_aux=True)(pad, padded)
+    def grads(model):  # compiled: op by op, this test spent a minute compiling single ops
+        return jax.jit(jax.value_and_grad(lambda p: loss(p, model), has_aux=True))
+
+    (want, want_logits), want_grads = grads(plain)(params)
+    (got, got_logits), got_grads = grads(padded)(pad)
     assert got_logits.shape == (4, 16, 100)
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -8,6 +8,8 @@ import _zoo_helpers as zh
 from tests import tolerances as tol
 from jnn import models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: see tests/conftest.py
+
 # timm's vit_{tiny,small,base}_patch16_224 with 1000 classes.
 PARAMS = {"vit_tiny": 5_717_416, "vit_small": 22_050_664, "vit_base": 86_567_656}
 # Patch embedding + class token + positions + blocks (12C^2 + 13C with a 2C MLP) + ln + head.
