@@ -328,5 +328,25 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def console() -> None:
+    """The `jnn` console command and `python -m jnn.cli`: `main`, then exit without a last garbage collection.
+
+    At exit Python collects the garbage of every module, over the millions of objects that JAX, flax
+    and matplotlib leave behind: 0.35-0.5 s of the default `jnn train`'s ~5 s. `gc.freeze()` moves
+    them out of the collector's reach first (the Instagram recipe; the memory goes back to the system
+    with the process). Nothing is lost: jnn closes its files, checkpoints and writers before `main`
+    returns, `atexit` handlers (trackers', multiprocessing's) still run, and objects freed by their
+    reference count are still freed. Only here, not in `main`: a program that calls `main` keeps
+    collecting its garbage.
+    """
+    import gc
+
+    try:
+        code = main()
+    finally:
+        gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -165,7 +165,13 @@ class CurvesWriter:
         panels = [p for p in self.PANELS if any(name == p for _, name in self._series)]
         if not panels:
             return
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+        width, height = 4.5 * len(panels), 3.4
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+        # Margins in inches, fixed: room for the tick labels, titles and x labels these panels have.
+        # `fig.tight_layout()` measures them with one more drawing: 0.27 s instead of 0.18 s per PNG.
+        axes_width = (width - 0.82 - 0.75 * (len(panels) - 1)) / len(panels)
+        fig.subplots_adjust(left=0.7 / width, right=1 - 0.12 / width, bottom=0.5 / height, top=1 - 0.3 / height,
+                            wspace=0.75 / axes_width)
         for ax, panel in zip(axes[0], panels):
             for (split, name), points in sorted(self._series.items()):
                 if name == panel and points:
@@ -175,7 +181,6 @@ class CurvesWriter:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.tight_layout()
         tmp = self.path + ".tmp.png"
         fig.savefig(tmp, dpi=100)
         plt.close(fig)

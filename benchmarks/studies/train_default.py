@@ -73,8 +73,8 @@ def jnn_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "jnn.cli"]
 
 
-HIDE_TORCH = ("import sys; sys.modules['torch'] = None; from jnn.cli import main; "
-              "sys.argv[0] = 'jnn'; sys.exit(main())")
+HIDE_TORCH = ("import sys; sys.modules['torch'] = None; from jnn.cli import console; "
+              "sys.argv[0] = 'jnn'; console()")
 
 
 def cli_variants(tmp: str) -> dict[str, tuple[list[str], dict]]:

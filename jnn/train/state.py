@@ -7,6 +7,7 @@ random key (`rng`). Per-step randomness is `fold_in(key, step)`, so nothing rand
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -16,7 +17,6 @@ import optax
 from flax import struct
 
 from jnn.train import model as model_lib
-from jnn.train import nnx_model
 
 PyTree = Any
 
@@ -205,6 +205,13 @@ def _key_impl(rng: Any, seed: int | None) -> str:
     return str(jax.random.key_impl(jax.random.key(0) if seed is not None else rng))
 
 
+def _is_nnx(model: Any) -> bool:
+    """Whether `model` is an `nnx.Module`, without importing flax.nnx: an nnx module exists only
+    once its program imported flax.nnx."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(model, nnx.Module)
+
+
 def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: Any, rng: Any,
                  init_kwargs: dict[str, Any], train_kwarg: str | None, rng_streams) -> _Init:
     seed = _seed(rng)
@@ -213,7 +220,9 @@ def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: A
     example_inputs = _as_inputs(example_inputs, "create_train_state")
     model_lib.check_call_args(model, example_inputs, "create_train_state")
 
-    if nnx_model.is_nnx(model):
+    if _is_nnx(model):
+        from jnn.train import nnx_model  # noqa: PLC0415 - flax.nnx takes 0.15 s to import; linen runs skip it
+
         if train_kwarg not in (model_lib.AUTO, None) or init_kwargs or rng_streams:
             raise ValueError(
                 "create_train_state: an nnx module is already initialised and switches mode with "
