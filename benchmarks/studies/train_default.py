@@ -2,6 +2,7 @@
 
   python -m benchmarks.studies.train_default       # ~3 min on 2 busy cores; writes benchmarks/results/studies/
   python -m benchmarks.studies.train_default --repeats 1 --no-save
+  python -m benchmarks.studies.train_default --against acc46e3   # + that commit's warm run, interleaved
 
 Three parts:
   1. `jnn train --run-dir <tmp>` in a fresh process, `--repeats` times (process start, imports, data
@@ -77,8 +78,20 @@ HIDE_TORCH = ("import sys; sys.modules['torch'] = None; from jnn.cli import cons
               "sys.argv[0] = 'jnn'; console()")
 
 
-def cli_variants(tmp: str) -> dict[str, tuple[list[str], dict]]:
-    """name -> (command, extra environment) of every fresh-process row."""
+AT_COMMIT = ("import sys; sys.argv[0] = 'jnn'; from jnn import cli; "
+             "sys.exit(cli.console() if hasattr(cli, 'console') else cli.main())")
+
+
+def warm_row(ref: str) -> str:
+    return f"jnn train at {ref}, compile cache warm"
+
+
+def cli_variants(tmp: str, against: str | None = None) -> dict[str, tuple[list[str], dict]]:
+    """name -> (command, extra environment) of every fresh-process row.
+
+    `against`: a git commit whose `jnn train` runs too, warm, from a worktree of it (its jnn code on
+    `PYTHONPATH`, in this environment), for a side-by-side ratio in one run.
+    """
     cold = {"JNN_COMPILATION_CACHE": ""}  # what a first run on a fresh machine pays
     variants = {
         "python -c pass": ([sys.executable, "-c", "pass"], {}),
@@ -89,38 +102,35 @@ def cli_variants(tmp: str) -> dict[str, tuple[list[str], dict]]:
         variants["jnn train, torch hidden (as without torch)"] = ([sys.executable, "-c", HIDE_TORCH, "train"], cold)
     variants["jnn train, compile cache warm"] = (
         jnn_command() + ["train"], {"JNN_COMPILATION_CACHE": os.path.join(tmp, "xla-cache")})
+    if against:
+        tree = os.path.join(tmp, "against")
+        subprocess.run(["git", "worktree", "add", "--detach", tree, against], check=True, capture_output=True,
+                       cwd=Path(__file__).resolve().parents[2])
+        variants[warm_row(against)] = ([sys.executable, "-c", AT_COMMIT, "train"],
+                                       {"JNN_COMPILATION_CACHE": os.path.join(tmp, "xla-cache-against"),
+                                        "PYTHONPATH": tree})
     return variants
 
 
-def cli_runs(repeats: int) -> dict:
+def cli_runs(repeats: int, against: str | None = None) -> dict:
     """`jnn train` (and the interpreter / import floors) in fresh processes, interleaved.
 
     `jnn train` runs with the persistent compilation cache off (a first run); the warm-cache row
     reuses one cache directory, filled by an unmeasured run first.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        variants = cli_variants(tmp)
+        variants = cli_variants(tmp, against)
         runs: dict[str, list[dict]] = {name: [] for name in variants}
-        cmd, extra = variants["jnn train, compile cache warm"]
-        run_process(cmd + ["--run-dir", os.path.join(tmp, "prime")], tmp, extra)  # fills the cache
-        for i in range(repeats):
-            for name, (cmd, extra) in variants.items():
-                if "jnn train" in name:
-                    cmd = cmd + ["--run-dir", os.path.join(tmp, f"run{i}-{len(runs[name])}-{name[:12]}")]
-                la = common.load_average()
-                r = run_process(cmd, tmp, extra)
-                r["load_average_before"] = la
-                if r["returncode"] != 0:
-                    raise RuntimeError(f"{cmd} failed:\n{r['stdout']}")
-                if "jnn train" in name:
-                    acc = re.search(r"test accuracy ([0-9.]+) .*?; ([0-9.]+) s", r["stdout"])
-                    r["test_accuracy"] = float(acc.group(1)) if acc else None
-                    r["reported_s"] = float(acc.group(2)) if acc else None  # experiment.train's own clock
-                    print(f"  {name} #{i + 1}: wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s "
-                          f"(user {r['user_s']:.1f} + sys {r['sys_s']:.1f}), test accuracy "
-                          f"{r['test_accuracy']}, load {la[0] if la else None}", flush=True)
-                r.pop("stdout")
-                runs[name].append(r)
+        for name in variants:
+            if "warm" in name:
+                cmd, extra = variants[name]
+                run_process(cmd + ["--run-dir", os.path.join(tmp, f"prime-{len(name)}")], tmp, extra)  # fills the cache
+        try:
+            _interleave(variants, runs, repeats, tmp)
+        finally:
+            if against:
+                subprocess.run(["git", "worktree", "remove", "--force", os.path.join(tmp, "against")],
+                               capture_output=True, cwd=Path(__file__).resolve().parents[2])
     summary = {}
     for name, rs in runs.items():
         summary[name] = {
@@ -128,7 +138,34 @@ def cli_runs(repeats: int) -> dict:
             "cpu_s": common.spread([r["cpu_s"] for r in rs]),
             "runs": rs,
         }
+    if against:  # per-round ratios: this tree's warm run over the commit's, in the same round
+        rows = runs["jnn train, compile cache warm"], runs[warm_row(against)]
+        summary["against"] = {"commit": against, **{
+            f"{unit}_ratio": common.spread([a[f"{unit}_s"] / b[f"{unit}_s"] for a, b in zip(*rows)])
+            for unit in ("wall", "cpu")}}
     return summary
+
+
+def _interleave(variants: dict, runs: dict, repeats: int, tmp: str) -> None:
+    """Runs every variant once per round, `repeats` rounds, into `runs[name]`."""
+    for i in range(repeats):
+        for name, (cmd, extra) in variants.items():
+            if "jnn train" in name:
+                cmd = cmd + ["--run-dir", os.path.join(tmp, f"run{i}-{len(runs[name])}-{name[:12]}")]
+            la = common.load_average()
+            r = run_process(cmd, tmp, extra)
+            r["load_average_before"] = la
+            if r["returncode"] != 0:
+                raise RuntimeError(f"{cmd} failed:\n{r['stdout']}")
+            if "jnn train" in name:
+                acc = re.search(r"test accuracy ([0-9.]+) .*?; ([0-9.]+) s", r["stdout"])
+                r["test_accuracy"] = float(acc.group(1)) if acc else None
+                r["reported_s"] = float(acc.group(2)) if acc else None  # experiment.train's own clock
+                print(f"  {name} #{i + 1}: wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s "
+                      f"(user {r['user_s']:.1f} + sys {r['sys_s']:.1f}), test accuracy "
+                      f"{r['test_accuracy']}, load {la[0] if la else None}", flush=True)
+            r.pop("stdout")
+            runs[name].append(r)
 
 
 # ------------------------------------------------------------------------------ in-process child
@@ -356,12 +393,21 @@ def markdown(result: dict) -> str:
              "with the floors)", "",
              "| command | wall s: median [min, max] | user+sys CPU s: median [min, max] |", "|---|---|---|"]
     for name, s in cli.items():
+        if name == "against":
+            continue
         w, c = s["wall_s"], s["cpu_s"]
         lines.append(f"| `{name}` | {w['median']:.2f} [{w['min']:.2f}, {w['max']:.2f}] | "
                      f"{c['median']:.2f} [{c['min']:.2f}, {c['max']:.2f}] |")
     accs = [r.get("test_accuracy") for r in train["runs"]]
     loads = [r["load_average_before"][0] if r["load_average_before"] else None for r in train["runs"]]
-    lines += ["", f"Test accuracy of the runs: {accs}; 1-min load average before each run: {loads}.", "",
+    lines += ["", f"Test accuracy of the runs: {accs}; 1-min load average before each run: {loads}."]
+    if "against" in cli:
+        a = cli["against"]
+        lines += ["", f"This tree's warm `jnn train` over commit {a['commit']}'s, per round (the same round's two "
+                      f"runs): wall {a['wall_ratio']['median']:.3f} [{a['wall_ratio']['min']:.3f}, "
+                      f"{a['wall_ratio']['max']:.3f}], CPU {a['cpu_ratio']['median']:.3f} "
+                      f"[{a['cpu_ratio']['min']:.3f}, {a['cpu_ratio']['max']:.3f}]."]
+    lines += ["",
               "## Where the time goes (one in-process run of `jnn.experiment.train`, wrappers around its pieces)", "",
               "| piece | wall s | CPU s | calls |", "|---|---|---|---|"]
     for k, v in ch["imports_s"].items():
@@ -393,6 +439,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=0.4, help="time per throughput block")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/studies)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--against", default=None, metavar="COMMIT",
+                   help="also run the warm `jnn train` of this git commit, interleaved, for a ratio")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -403,7 +451,7 @@ def main(argv=None) -> int:
     env = common.environment(("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"))
     print(common.env_line(env), flush=True)
     print("fresh processes:", flush=True)
-    cli = cli_runs(args.repeats)
+    cli = cli_runs(args.repeats, args.against)
     print("in-process breakdown and throughput (child process):", flush=True)
     la = common.load_average()
     c = run_process([sys.executable, "-m", "benchmarks.studies.train_default", "--child", "--rounds", str(args.rounds),
