@@ -279,3 +279,21 @@ def test_guard_variants_benchmark_writes_every_variant(tmp_path):
 
     assert list(w["wall_ms"]) == list(VARIANTS) and all(v["median"] > 0 for v in w["wall_ms"].values())
     assert set(w["ratios"]) == {f"{v} / apply" for v in VARIANTS[1:]}
+
+
+def test_train_default_against_runs_that_commits_jnn(tmp_path):
+    """`train_default --against COMMIT` compares this tree with the commit's code, not with itself:
+    its row imports jnn from a worktree of the commit, ahead of the editable install."""
+    from benchmarks.studies import train_default
+
+    root = Path(__file__).resolve().parents[1]
+    variants = train_default.cli_variants(str(tmp_path), against="HEAD")
+    try:
+        _, extra = variants[train_default.warm_row("HEAD")]
+        probe = subprocess.run([sys.executable, "-c", "import jnn; print(jnn.__file__)"], capture_output=True,
+                               text=True, env={**os.environ, **extra}, cwd=tmp_path, check=True)
+        assert probe.stdout.strip() == str(tmp_path / "against" / "jnn" / "__init__.py"), probe.stdout
+        assert extra["JNN_COMPILATION_CACHE"] != variants["jnn train, compile cache warm"][1]["JNN_COMPILATION_CACHE"]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tmp_path / "against")], cwd=root,
+                       capture_output=True)
