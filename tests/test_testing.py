@@ -196,3 +196,56 @@ def test_model_tests_gives_one_pytest_test_per_check(tmp_path):
     assert done.returncode == 0
     # 11 checks + parallel; the MLP has no batch statistics and no randomness: 2 not applicable
     assert "10 passed, 2 skipped" in done.stdout
+
+
+SEEN: list = []  # the optimisation setting each trace of `FlagProbe` ran under
+
+
+class FlagProbe(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        SEEN.append(jax.config.read("jax_disable_most_optimizations"))
+        return nn.Dense(C)(x)
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_checks_compile_without_backend_optimisations_and_put_the_setting_back(before):
+    """check_model, check_parallel and model_tests compile under `jax_disable_most_optimizations`
+    on CPU (fast_compile=True), then put back what the program had, also when a check fails;
+    fast_compile=False leaves the setting alone."""
+    jax.config.update("jax_disable_most_optimizations", before)  # the autouse fixture restores it
+    SEEN.clear()
+    jnn.testing.check_model(FlagProbe(), X, Y, checks=("finite", "jit_matches_eager"))
+    assert SEEN and all(SEEN), SEEN
+    assert jax.config.read("jax_disable_most_optimizations") is before
+    SEEN.clear()
+    _failure(FlagProbe(), output_shapes=(C + 1,), checks="output_shapes")  # a failing check
+    assert SEEN and all(SEEN), SEEN
+    assert jax.config.read("jax_disable_most_optimizations") is before
+    SEEN.clear()
+    jnn.testing.check_model(FlagProbe(), X, Y, checks="finite", fast_compile=False)
+    assert SEEN and set(SEEN) == {before}, SEEN
+    SEEN.clear()
+    jnn.testing.check_parallel(FlagProbe(), X[:8], Y[:8], devices=2, steps=1, paths=("data_parallel",))
+    assert SEEN and all(SEEN), SEEN
+    assert jax.config.read("jax_disable_most_optimizations") is before
+
+
+def test_check_parallel_subprocess_compiles_as_asked(tmp_path):
+    """What `check_parallel`'s subprocess runs (`_main`, here in this process): it applies the
+    `fast_compile` it is sent."""
+    import pickle
+
+    from jnn.testing import _parallel
+
+    for fast in (True, False):
+        request, answer = tmp_path / f"request{fast}.pkl", tmp_path / f"answer{fast}.pkl"
+        args = dict(model=FlagProbe(), inputs=X[:8], labels=Y[:8], loss_fn="cross_entropy", devices=2, steps=1,
+                    paths=("data_parallel",), rtol=1e-5, atol=1e-6, precision=None, train_kwarg="auto",
+                    config={}, fast_compile=fast)
+        request.write_bytes(pickle.dumps(args))
+        jax.config.update("jax_disable_most_optimizations", False)
+        SEEN.clear()
+        _parallel._main(str(request), str(answer))
+        assert SEEN and set(SEEN) == {fast}, SEEN
+        assert pickle.loads(answer.read_bytes()).passed

@@ -6,6 +6,7 @@ one set of compiled programs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -30,6 +31,30 @@ CHECK_TX = optax.sgd(1e-2, momentum=0.9)
 # Tolerances for two float computations of the same arithmetic in another order (compiled vs
 # op by op, a batch vs its halves), by the dtype the model computes in.
 REORDER_TOLERANCES = {"float32": (1e-5, 1e-6), "bfloat16": (2e-2, 2e-2), "float16": (5e-3, 5e-3)}
+
+
+@contextlib.contextmanager
+def compiling_fast(on: bool = True):
+    """Compiles what runs inside with `jax_disable_most_optimizations` on a CPU backend, then puts
+    back the previous setting.
+
+    The checks compile dozens of programs and run each once on one small batch, so XLA's backend
+    optimisations (LLVM's, at level 0 here; the same HLO passes) cost more than they save. On the
+    README's MLP, 2 interleaved runs each, load 1.1-1.3: `check_model` 11.7-11.8 s instead of
+    14.6-15.6 s, `check_parallel` (8 devices, in its subprocess) 14.9-15.8 s instead of 19.3-20.0 s.
+    The comparisons' tolerances do not change: this repository's tests of the checks run under the
+    same setting. Not on GPU or TPU, where it would also turn off the autotuning a model's numbers
+    may depend on.
+    """
+    if not on or jax.default_backend() != "cpu":
+        yield
+        return
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def gradient(opt_state: PyTree) -> PyTree:

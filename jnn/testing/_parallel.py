@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jnn.testing._case import CHECK_TX, batch_size, take
+from jnn.testing._case import CHECK_TX, batch_size, compiling_fast, take
 from jnn.testing._randomness import random_draws
 from jnn.testing._report import Failure, ModelCheckError, compare_trees
 
@@ -208,7 +208,7 @@ def compare(model: Any, inputs: Any, labels: Any, *, loss_fn: Any, devices: int,
 def check_parallel(model: Any, inputs: Any, labels: Any, *, loss_fn: Any = "cross_entropy", devices: int = 8,
                    steps: int = 3, paths=PATHS, rtol: float = PARALLEL_RTOL, atol: float = PARALLEL_ATOL,
                    precision: Any = None, train_kwarg: Any = "auto", subprocess: bool | None = None,
-                   timeout: float = 600.0) -> ParallelReport:
+                   timeout: float = 600.0, fast_compile: bool = True) -> ParallelReport:
     """Proves a model trains the same on every parallel path as on one device (see the module doc).
 
     Example:
@@ -227,6 +227,7 @@ def check_parallel(model: Any, inputs: Any, labels: Any, *, loss_fn: Any = "cros
       subprocess: run in a subprocess with `devices` fake CPU devices. Default: only when this
         process has fewer than `devices` devices.
       timeout: seconds the subprocess may take.
+      fast_compile: as for `check_model` (in the subprocess too).
 
     Returns:
       A `ParallelReport` (print it for the table of paths, references and differences).
@@ -250,7 +251,11 @@ def check_parallel(model: Any, inputs: Any, labels: Any, *, loss_fn: Any = "cros
                 paths=paths, rtol=rtol, atol=atol, precision=precision, train_kwarg=train_kwarg)
     if subprocess is None:
         subprocess = jax.device_count() < devices
-    report = _in_subprocess(args, timeout) if subprocess else compare(**args)
+    if subprocess:
+        report = _in_subprocess(dict(args, fast_compile=fast_compile), timeout)
+    else:
+        with compiling_fast(fast_compile):
+            report = compare(**args)
     if not report.passed:
         raise ModelCheckError(
             [Failure("parallel", f"{r.path} diverges from {r.reference}.", where=r.worst.split(" (")[0],
@@ -297,7 +302,8 @@ def _main(request: str, answer: str) -> None:
         args = pickle.load(f)
     for name, value in args.pop("config").items():
         jax.config.update(name, value)
-    report = compare(**args)
+    with compiling_fast(args.pop("fast_compile")):
+        report = compare(**args)
     with open(answer, "wb") as f:
         pickle.dump(report, f)
 

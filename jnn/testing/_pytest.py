@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 def model_tests(model: Any, inputs: Any, labels: Any, *, loss_fn: Any = "cross_entropy", checks=None, skip=(),
                 parallel: bool = True, devices: int = 8, precision: Any = None,
-                model_fn: Callable[[Any], Any] | None = None, train_kwarg: Any = "auto") -> Callable:
+                model_fn: Callable[[Any], Any] | None = None, train_kwarg: Any = "auto",
+                fast_compile: bool = True) -> Callable:
     """A pytest test function parametrised over `jnn.testing`'s checks (and `check_parallel`).
 
     Example (in your `tests/test_my_model.py`):
@@ -18,15 +19,15 @@ def model_tests(model: Any, inputs: Any, labels: Any, *, loss_fn: Any = "cross_e
     with the reason.
 
     Args:
-      model, inputs, labels, loss_fn, checks, skip, precision, model_fn, train_kwarg: as for
-        `check_model`.
+      model, inputs, labels, loss_fn, checks, skip, precision, model_fn, train_kwarg, fast_compile:
+        as for `check_model`.
       parallel: also run `check_parallel` on `devices` devices (fake CPU devices in a subprocess
         when the test process has fewer); the batch size must then be a multiple of `devices`.
       devices: the devices of the parallel check.
     """
     import pytest  # noqa: PLC0415 - only where pytest runs
 
-    from jnn.testing import CHECKS, Case, NotApplicable, _run_one, check_parallel  # noqa: PLC0415
+    from jnn.testing import CHECKS, Case, NotApplicable, _run_one, check_parallel, compiling_fast  # noqa: PLC0415
     from jnn.train.batch import check_batch  # noqa: PLC0415
 
     names = list(CHECKS) if checks is None else [checks] if isinstance(checks, str) else list(checks)
@@ -35,9 +36,13 @@ def model_tests(model: Any, inputs: Any, labels: Any, *, loss_fn: Any = "cross_e
 
     @pytest.mark.parametrize("check", names)
     def test(check):
+        with compiling_fast(fast_compile):
+            run(check)
+
+    def run(check):
         if check == "parallel":
             print(check_parallel(model, inputs, labels, loss_fn=loss_fn, devices=devices, precision=precision,
-                                 train_kwarg=train_kwarg))
+                                 train_kwarg=train_kwarg, fast_compile=fast_compile))
             return
         if "case" not in cache:
             case = Case(model, inputs, labels, loss_fn, precision, model_fn, train_kwarg)
