@@ -26,7 +26,6 @@ from jnn import precision as precision_lib
 from jnn.testing._case import CHECK_TX, Case, gradient, take
 from jnn.testing._report import Failure, ModelCheckError, index_str, path_str
 from jnn.train import model as model_lib
-from jnn.train import nnx_model
 from jnn.train.state import create_train_state
 from jnn.train.step import resolve_loss, step_rng
 
@@ -47,7 +46,7 @@ def _float64_model(case: Case) -> Any:
         changes = {name: jnp.float64 for name in ("dtype", "param_dtype")
                    if name in fields and _is_float_dtype(getattr(model, name))}
         return model.clone(**changes) if changes else model
-    if nnx_model.is_nnx(model):
+    if model_lib.is_nnx(model):
         from flax import nnx  # noqa: PLC0415
 
         graphdef, variables = nnx.split(model)  # a copy in float64: the user's module is not changed

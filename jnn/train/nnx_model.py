@@ -159,6 +159,3 @@ def split_nnx(module: nnx.Module) -> tuple[NnxModel, dict, dict]:
     copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 - a donated step must not free the module's arrays
     return model, copy(pure_params), copy(pure_state)
 
-
-def is_nnx(module: Any) -> bool:
-    return isinstance(module, nnx.Module)

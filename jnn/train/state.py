@@ -7,7 +7,6 @@ random key (`rng`). Per-step randomness is `fold_in(key, step)`, so nothing rand
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -205,13 +204,6 @@ def _key_impl(rng: Any, seed: int | None) -> str:
     return str(jax.random.key_impl(jax.random.key(0) if seed is not None else rng))
 
 
-def _is_nnx(model: Any) -> bool:
-    """Whether `model` is an `nnx.Module`, without importing flax.nnx: an nnx module exists only
-    once its program imported flax.nnx."""
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(model, nnx.Module)
-
-
 def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: Any, rng: Any,
                  init_kwargs: dict[str, Any], train_kwarg: str | None, rng_streams) -> _Init:
     seed = _seed(rng)
@@ -220,7 +212,7 @@ def _initializer(model: Any, tx: optax.GradientTransformation, example_inputs: A
     example_inputs = _as_inputs(example_inputs, "create_train_state")
     model_lib.check_call_args(model, example_inputs, "create_train_state")
 
-    if _is_nnx(model):
+    if model_lib.is_nnx(model):
         from jnn.train import nnx_model  # noqa: PLC0415 - flax.nnx takes 0.15 s to import; linen runs skip it
 
         if train_kwarg not in (model_lib.AUTO, None) or init_kwargs or rng_streams:
