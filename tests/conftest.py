@@ -64,12 +64,7 @@ def _fast_compile(request):
     under the flag in every test, the QAT test took 78 s instead of under 8, and the whole suite
     gained nothing. Processes that tests start are not affected.
     """
-    if request.node.get_closest_marker("fast_compile") is None:
-        yield
-        return
-    before = jax.config.read("jax_disable_most_optimizations")  # JAX_DISABLE_MOST_OPTIMIZATIONS=1 stays on
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+    from jnn.testing._case import compiling_fast  # what jnn.testing's checks compile under
+
+    with compiling_fast(request.node.get_closest_marker("fast_compile") is not None):
+        yield  # the previous setting comes back after (JAX_DISABLE_MOST_OPTIMIZATIONS=1 stays on)
