@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from jnn import _collector
+
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the arguments every training entry point shares: --debug, --data-dir, --run-dir, --set.
@@ -295,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jnn` console command. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # every other argument belongs to the harness
+        _collector.resume()
         return _bench(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command != "train" or (args.processes != 1 and "JNN_PROCESS_ID" not in os.environ):
+        _collector.resume()  # the `jnn` command's start-up ends here, unless it trains (then at its first step)
     try:
         if args.command in ("eval", "export", "predict"):  # `train` turns it on after its quick checks
             enable_compilation_cache()
@@ -338,9 +343,13 @@ def console() -> None:
     returns, `atexit` handlers (trackers', multiprocessing's) still run, and objects freed by their
     reference count are still freed. Only here, not in `main`: a program that calls `main` keeps
     collecting its garbage.
+
+    Also only here: the collector is off while the command starts up, until `jnn train`'s first step
+    (`jnn._collector`: 0.42 s of the default run's 4.3 s).
     """
     import gc
 
+    _collector.pause()  # until training starts: `jnn._collector`
     try:
         code = main()
     finally:

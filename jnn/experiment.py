@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jnn import _claim as claim_lib
+from jnn import _collector
 from jnn import compiler, profiling, trackers
 from jnn import data as data_lib
 from jnn import losses as losses_lib
@@ -399,6 +400,7 @@ def _train(exp: Experiment, config: Config, run_dir: str, resume: bool, progress
                 writer.writers += trackers.make_trackers(config.log, run_dir, to_dict(config),
                                                          class_names=exp.splits.class_names)
             meanwhile = _EvalCompiledMeanwhile(exp, state, stop_at)
+            _collector.resume()  # the `jnn` command's start-up is over: its collector comes back on
             result = fit(
                 state, exp.train_data, num_steps=t.steps, stop_at=stop_at, train_step=meanwhile.train_step,
                 eval_step=meanwhile.eval_step,  # one compiled eval step for validation and the final test

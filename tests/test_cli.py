@@ -211,3 +211,47 @@ def test_toolbox_settings_are_checked_before_the_run_directory(tmp_path, capsys,
     assert cli.main(["train", "--debug", "--run-dir", str(bad), "--set", "optim.schedule=plateau",
                      "--set", setting]) == 2
     assert message in capsys.readouterr().err and not bad.exists()
+
+
+_GC_PROBE = """
+import gc, json, sys
+from jnn import cli, experiment
+seen = {"main_start": gc.isenabled()}
+def probe(name, fn):
+    def wrapped(*args, **kwargs):
+        seen[name] = [gc.isenabled(), gc.get_freeze_count()]
+        return fn(*args, **kwargs)
+    return wrapped
+experiment.build = probe("build", experiment.build)
+experiment.fit = probe("fit", experiment.fit)
+cli._info = probe("info", cli._info)
+import atexit
+atexit.register(lambda: print("PROBE", json.dumps(seen), file=sys.stderr))
+sys.argv = ["jnn", *sys.argv[1:]]
+cli.console() if sys.argv[1] != "--main" else sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["console", "main"])
+def test_the_jnn_command_collects_no_garbage_while_it_starts(tmp_path, how):
+    """`jnn train` (the console command) starts with the collector off, then freezes the start-up's
+    objects and turns it back on for training; other commands turn it back on at once. A program
+    that calls `cli.main` keeps its collector on and its heap unfrozen."""
+    import subprocess
+    import sys
+
+    def run(*argv):
+        prefix = ["--main"] if how == "main" else []
+        out = subprocess.run([sys.executable, "-c", _GC_PROBE, *prefix, *argv], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stderr.rpartition("PROBE ")[2])
+
+    seen = run("train", "--debug", "--run-dir", str(tmp_path / "run"))
+    info = run("info")
+    if how == "console":
+        assert seen["build"] == [False, 0]  # the start-up: no collections, nothing frozen yet
+        assert seen["fit"][0] is True and seen["fit"][1] > 100_000  # training: collected, past a frozen heap
+        assert info["info"][0] is True
+    else:
+        assert seen["build"] == [True, 0] and seen["fit"] == [True, 0] and info["info"] == [True, 0]

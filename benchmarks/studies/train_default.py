@@ -6,7 +6,7 @@
 
 Three parts:
   1. `jnn train --run-dir <tmp>` in a fresh process, `--repeats` times (process start, imports, data
-     load, compilation, 500 steps, evaluations, checkpoints and the test report included), with the
+     load, compilation, the preset's steps, evaluations, checkpoints and the test report included), with the
      persistent compilation cache off, as a first run on a fresh machine: the median wall time, and
      the user + system CPU seconds of the process (less sensitive to other processes on a shared
      machine than wall time). Where PyTorch is installed, tensorboardX imports it (1-2 s of CPU), so
@@ -173,6 +173,9 @@ def _interleave(variants: dict, runs: dict, repeats: int, tmp: str) -> None:
 
 def child(seconds: float, rounds: int) -> dict:
     """Runs in a fresh process: the timed breakdown, then the pipeline / step throughput."""
+    from jnn import _collector  # light: `import jnn` is lazy
+
+    _collector.pause()  # as the `jnn` command does, until training starts
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     t = time.perf_counter()
