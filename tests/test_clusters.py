@@ -131,9 +131,12 @@ def _free_derived_port(offset: int) -> int:
     raise RuntimeError("no free port in [61440, 65535]")
 
 
+LAUNCH_STEPS = 60  # 3 evaluations and checkpoints: what the launches must agree on, in a third of 200's time
+
+
 def _launch(run, cache, envs):
     """Starts one `jnn train` per task environment, as srun / mpirun do, and waits for all."""
-    args = ["--debug", "--run-dir", str(run), "--set", "train.steps=200", "--set", "train.eval_every=50",
+    args = ["--debug", "--run-dir", str(run), "--set", f"train.steps={LAUNCH_STEPS}", "--set", "train.eval_every=20",
             "--no-progress"]
     procs = [subprocess.Popen([sys.executable, "-m", "jnn.cli", "train", *args], env={**_env(cache), **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in envs]
@@ -146,7 +149,8 @@ def test_slurm_and_open_mpi_launches_train_like_processes_2(tmp_path):
     cache = tmp_path / "xla"
     reference = tmp_path / "processes2"
     done = subprocess.run([sys.executable, "-m", "jnn.cli", "train", "--debug", "--run-dir", str(reference), "--set",
-                           "train.steps=200", "--set", "train.eval_every=50", "--no-progress", "--processes", "2"],
+                           f"train.steps={LAUNCH_STEPS}", "--set", "train.eval_every=20", "--no-progress",
+                           "--processes", "2"],
                           env=_env(cache), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     job = _free_derived_port(1000)
@@ -163,7 +167,7 @@ def test_slurm_and_open_mpi_launches_train_like_processes_2(tmp_path):
         assert f"{name} launch: process 0 of 2" in outs[0][1] and f"{name} launch: process 1 of 2" in outs[1][1]
         assert "training " in outs[0][0] and not [line for line in outs[1][0].splitlines()
                                                   if not line.startswith("[Gloo]")]  # process 0 reports the run
-        chex.assert_trees_all_equal(final_state(run, 200), final_state(reference, 200))
+        chex.assert_trees_all_equal(final_state(run, LAUNCH_STEPS), final_state(reference, LAUNCH_STEPS))
         assert (run / "test_metrics.json").read_text() == (reference / "test_metrics.json").read_text()
         records = _records(run)
         assert len(records) == len(set(records)) and records == _records(reference)  # nothing written twice
