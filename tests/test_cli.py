@@ -216,7 +216,7 @@ def test_toolbox_settings_are_checked_before_the_run_directory(tmp_path, capsys,
 _GC_PROBE = """
 import gc, json, sys
 from jnn import cli, experiment
-seen = {"main_start": gc.isenabled()}
+seen = {}
 def probe(name, fn):
     def wrapped(*args, **kwargs):
         seen[name] = [gc.isenabled(), gc.get_freeze_count()]
