@@ -142,6 +142,7 @@ def _launch(args, argv: list[str]) -> int:
     """`--processes N`: this process starts N copies of the same command and owns them."""
     from jnn.parallel import launch_local
 
+    _collector.resume()  # this process waits for its children: no start-up of its own
     if args.processes < 1:
         raise ValueError(f"--processes {args.processes}: expected a positive number of processes.")
     run_dir = [] if args.resume or args.run_dir else ["--run-dir", default_run_dir(args.preset or "digits", args.debug)]
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         _collector.resume()
         return _bench(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command != "train" or (args.processes != 1 and "JNN_PROCESS_ID" not in os.environ):
+    if args.command != "train":
         _collector.resume()  # the `jnn` command's start-up ends here, unless it trains (then at its first step)
     try:
         if args.command in ("eval", "export", "predict"):  # `train` turns it on after its quick checks

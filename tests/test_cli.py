@@ -225,6 +225,8 @@ def probe(name, fn):
 experiment.build = probe("build", experiment.build)
 experiment.fit = probe("fit", experiment.fit)
 cli._info = probe("info", cli._info)
+import jnn.parallel
+jnn.parallel.launch_local = probe("launch", lambda *args, **kwargs: 0)  # the launcher of `--processes 2`
 import atexit
 atexit.register(lambda: print("PROBE", json.dumps(seen), file=sys.stderr))
 sys.argv = ["jnn", *sys.argv[1:]]
@@ -249,9 +251,11 @@ def test_the_jnn_command_collects_no_garbage_while_it_starts(tmp_path, how):
 
     seen = run("train", "--debug", "--run-dir", str(tmp_path / "run"))
     info = run("info")
+    launcher = run("train", "--debug", "--processes", "2", "--run-dir", str(tmp_path / "launched"))
     if how == "console":
         assert seen["build"] == [False, 0]  # the start-up: no collections, nothing frozen yet
         assert seen["fit"][0] is True and seen["fit"][1] > 100_000  # training: collected, past a frozen heap
-        assert info["info"][0] is True
+        assert info["info"][0] is True and launcher["launch"][0] is True
     else:
         assert seen["build"] == [True, 0] and seen["fit"] == [True, 0] and info["info"] == [True, 0]
+        assert launcher["launch"] == [True, 0]
