@@ -1,5 +1,6 @@
 """A scheduler's signal loses nothing: fit finishes the step, saves it, raises Preempted (exit 75);
 resuming ends bit for bit where an uninterrupted run ends. One writer per run directory."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import jnn
 from jnn import _claim
 from jnn.train.preemption import PREEMPTED_EXIT_CODE
 from tests._tiny import TinyBNDropout
+from tests._zygote import JNN_TRAIN_IMPORTS, Zygote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -129,8 +131,9 @@ def _env(cache):
             "JNN_COMPILATION_CACHE": str(cache)}
 
 
-def jnn_train(run, cache, *extra, processes=1):
-    """`jnn train` of a debug digits run: `--resume` once `run` has a checkpoint."""
+def jnn_train(run, cache, *extra, processes=1, zygote=None):
+    """`jnn train` of a debug digits run: `--resume` once `run` has a checkpoint; forked by `zygote`
+    (tests/_zygote.py: the imports done once) when one is given."""
     ckpt = run / "checkpoints"
     if ckpt.is_dir() and any(d.isdigit() for d in os.listdir(ckpt)):
         args = ["--resume", str(run)]
@@ -139,8 +142,10 @@ def jnn_train(run, cache, *extra, processes=1):
                 "--set", "train.log_every=25"]
     if processes > 1:
         args += ["--processes", str(processes)]
-    return subprocess.Popen([sys.executable, "-m", "jnn.cli", "train", "--no-progress", *args, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache))
+    argv = [sys.executable, "-m", "jnn.cli", "train", "--no-progress", *args, *extra]
+    if zygote is not None:
+        return zygote.start(argv, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache))
 
 
 def _records(run):
@@ -178,9 +183,25 @@ def test_jnn_train_preempted_at_random_moments_resumes_bit_for_bit(tmp_path, pro
     which forwards it): each stop saves its step and exits 75; the resumed run ends with the same
     parameters, optimizer state and test metrics as an uninterrupted one, and writes no record twice."""
     cache, run, rng = tmp_path / "xla", tmp_path / "preempted", np.random.default_rng(processes)
+    # One process: forked by a zygote. Two: the launcher starts them (fresh interpreters).
+    with Zygote(_env(cache), JNN_TRAIN_IMPORTS) if processes == 1 else contextlib.nullcontext() as zygote:
+        stops = _preempt_and_finish(run, cache, rng, processes, zygote)
+        straight = tmp_path / "straight"
+        proc = jnn_train(straight, cache, processes=processes, zygote=zygote)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    print(f"{processes} process(es): (stop step, checkpoint save s, signal to exit s): {stops}")
+    chex.assert_trees_all_equal(final_state(run), final_state(straight))
+    assert (run / "test_metrics.json").read_text() == (straight / "test_metrics.json").read_text()
+    records = _records(run)
+    assert len(records) == len(set(records)) and set(records) == set(_records(straight))
+
+
+def _preempt_and_finish(run, cache, rng, processes, zygote):
+    """SIGTERM at 3 (or 2) random steps, each stop checked, then the run resumed to its end."""
     stops, last = [], 0
     for target in sorted(rng.choice(np.arange(50, TRAIN_STEPS - 100, 25), 3 if processes == 1 else 2, replace=False)):
-        proc = jnn_train(run, cache, processes=processes)
+        proc = jnn_train(run, cache, processes=processes, zygote=zygote)
         head = _wait_for_training(proc)
         while proc.poll() is None and max([s for split, s in _records(run) if split == "train"] + [0]) < target:
             time.sleep(0.01)  # until it logs a step at or past a random target: the signal lands mid-training
@@ -195,18 +216,10 @@ def test_jnn_train_preempted_at_random_moments_resumes_bit_for_bit(tmp_path, pro
                       round(time.monotonic() - signalled, 2)))
         assert stops[-1][0] > last
         last = stops[-1][0]
-    proc = jnn_train(run, cache, processes=processes)
+    proc = jnn_train(run, cache, processes=processes, zygote=zygote)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    straight = tmp_path / "straight"
-    proc = jnn_train(straight, cache, processes=processes)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    print(f"{processes} process(es): (stop step, checkpoint save s, signal to exit s): {stops}")
-    chex.assert_trees_all_equal(final_state(run), final_state(straight))
-    assert (run / "test_metrics.json").read_text() == (straight / "test_metrics.json").read_text()
-    records = _records(run)
-    assert len(records) == len(set(records)) and set(records) == set(_records(straight))
+    return stops
 
 
 @pytest.mark.slow
