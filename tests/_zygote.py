@@ -57,6 +57,7 @@ class Zygote:
         theirs.close()
         ready = self._sock.recv(4096)
         if not ready.startswith(b"ready"):
+            self._server.wait()
             raise RuntimeError(f"the zygote did not start: {ready!r} (its stderr is above)")
         self._children: list[Child] = []
         self._started: int | None = None
@@ -71,7 +72,8 @@ class Zygote:
         differs = sorted(k for k in set(env) | set(self.env) if not _varying(k) and env.get(k) != self.env.get(k))
         if differs:
             raise ValueError(f"Zygote.start: the environment differs from the zygote's in {differs}; start "
-                             f"another Zygote with that environment (only variables starting with {VARYING} may differ).")
+                             f"another Zygote with that environment (only variables starting with {VARYING} "
+                             f"may differ).")
         ends, theirs = [], []
         for want, inherited in ((stdout, 1), (stderr, 2)):
             if want == subprocess.PIPE:
