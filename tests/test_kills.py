@@ -47,8 +47,7 @@ if __name__ == "__main__":
 
 
 # What the child imports, imported once by a zygote (tests/_zygote.py) that forks each restart: a
-# restart takes a fraction of a second instead of ~2.5 s, and the kills land in steps, saves and
-# deletions instead of in the imports.
+# restart reaches its first step in ~0.6 s, without the ~2 s of imports each time.
 LOOP_IMPORTS = ("numpy", "jax", "optax", "flax.linen", "jnn", "jnn.checkpoint", "jnn.train", "tests._tiny")
 
 
