@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,12 @@ def test_worker_timeout_kills_the_worker_and_its_children(tmp_path):
               f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)")
     code, err, usage = run_process([sys.executable, "-c", script], timeout=8)  # time to start both
     assert code == -9 and "worker timeout of 8 s" in err and usage["seconds"] < 60
-    assert not _alive(int(pid_file.read_text())), "the peer process outlived its worker"
+    # The peer got the same SIGKILL; nobody waits for it, so it dies when the kernel next runs it
+    # (on 2 busy cores, not always by the time its worker has been reaped: CI saw it still alive).
+    peer, deadline = int(pid_file.read_text()), time.monotonic() + 10
+    while _alive(peer) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(peer), "the peer process outlived its worker by 10 s"
 
 
 def _alive(pid: int) -> bool:
