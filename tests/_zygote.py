@@ -69,6 +69,9 @@ class Zygote:
         `[sys.executable, script, ...]`."""
         if argv[0] != sys.executable:
             raise ValueError(f"Zygote.start runs Python commands; got {argv[0]!r}, expected sys.executable")
+        if argv[1].startswith("-") and argv[1] not in ("-m", "-c"):  # the zygote's interpreter is already set up
+            raise ValueError(f"Zygote.start: interpreter option {argv[1]!r}; expected -m, -c or a script. "
+                             f"Start a subprocess for that command instead.")
         differs = sorted(k for k in set(env) | set(self.env) if not _varying(k) and env.get(k) != self.env.get(k))
         if differs:
             raise ValueError(f"Zygote.start: the environment differs from the zygote's in {differs}; start "

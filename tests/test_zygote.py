@@ -74,11 +74,13 @@ def test_a_module_child_sees_what_a_fresh_interpreter_sees(zygote):
     assert script.communicate(timeout=60)[0] == fresh.stdout and "xla_force_host_platform_device_count=2" in fresh.stdout
 
 
-def test_another_environment_is_refused(zygote):
+def test_what_it_cannot_run_as_a_fresh_interpreter_would_is_refused(zygote):
     with pytest.raises(ValueError, match=r"differs from the zygote's in \['JAX_ENABLE_X64'\]"):
         zygote.start([sys.executable, "-c", "pass"], env={**ENV, "JAX_ENABLE_X64": "1"})
     with pytest.raises(ValueError, match="runs Python commands"):
         zygote.start(["/bin/true"], env=ENV)
+    with pytest.raises(ValueError, match="interpreter option '-u'; expected -m, -c or a script"):
+        zygote.start([sys.executable, "-u", "-c", "pass"], env=ENV)
 
 
 def test_a_preload_that_starts_jax_backend_is_refused(tmp_path):
