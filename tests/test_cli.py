@@ -217,11 +217,13 @@ _GC_PROBE = """
 import gc, json, os, sys
 from jnn import cli, experiment
 seen = {}
+def report():
+    print("PROBE", json.dumps(seen), file=sys.stderr, flush=True)
 def probe(name, fn):
     def wrapped(*args, **kwargs):
         seen[name] = [gc.isenabled(), gc.get_freeze_count()]
         if name == "fit":  # what the test looks at is over: the rest of the run is not needed
-            print("PROBE", json.dumps(seen), file=sys.stderr, flush=True)
+            report()
             os._exit(0)
         return fn(*args, **kwargs)
     return wrapped
@@ -231,7 +233,7 @@ cli._info = probe("info", cli._info)
 import jnn.parallel
 jnn.parallel.launch_local = probe("launch", lambda *args, **kwargs: 0)  # the launcher of `--processes 2`
 import atexit
-atexit.register(lambda: print("PROBE", json.dumps(seen), file=sys.stderr))
+atexit.register(report)
 sys.argv = ["jnn", *sys.argv[1:]]
 cli.console() if sys.argv[1] != "--main" else sys.exit(cli.main(sys.argv[2:]))
 """
