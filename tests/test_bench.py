@@ -180,7 +180,7 @@ def test_the_readme_headline_table_is_generated_from_the_committed_results():
 
 
 def test_headline_takes_each_workloads_newest_full_run(tmp_path):
-    full = json.loads((common.RESULTS / "bench-cpu-2026-11-30.json").read_text())
+    full = json.loads((common.RESULTS / "bench-cpu-2026-12-05.json").read_text())
 
     def write(name, suite, date, workloads):
         result = dict(full, suite=suite, environment=dict(full["environment"], date=date),
