@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _launch(args, argv: list[str]) -> int:
     """`--processes N`: this process starts N copies of the same command and owns them."""
-    from jnn.parallel import launch_local
+    from jnn.parallel._launch import launch_local  # without JAX: the launcher only owns its children
 
     _collector.resume()  # this process waits for its children: no start-up of its own
     if args.processes < 1:

@@ -230,13 +230,42 @@ def probe(name, fn):
 experiment.build = probe("build", experiment.build)
 experiment.fit = probe("fit", experiment.fit)
 cli._info = probe("info", cli._info)
-import jnn.parallel
-jnn.parallel.launch_local = probe("launch", lambda *args, **kwargs: 0)  # the launcher of `--processes 2`
+import jnn.parallel._launch
+jnn.parallel._launch.launch_local = probe("launch", lambda *args, **kwargs: 0)  # `--processes 2`
 import atexit
 atexit.register(report)
 sys.argv = ["jnn", *sys.argv[1:]]
 cli.console() if sys.argv[1] != "--main" else sys.exit(cli.main(sys.argv[2:]))
 """
+
+
+_LAUNCH_PROBE = """
+import json, sys
+import jnn.parallel._launch
+def launched(argv, num_processes, **kwargs):
+    print("PROBE", json.dumps({"jax": sorted(m for m in sys.modules if m.partition(".")[0] in ("jax", "jaxlib", "flax")),
+                               "argv": argv, "processes": num_processes, **kwargs}), flush=True)
+    return 0
+jnn.parallel._launch.launch_local = launched
+from jnn import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_the_launcher_of_processes_n_starts_its_children_without_importing_jax(tmp_path):
+    """`jnn train --processes N` starts N copies of itself and only watches them: it imports no JAX
+    (0.5 s before any child could start, and its memory while they train), nor flax."""
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-c", _LAUNCH_PROBE, "train", "--debug", "--processes", "2", "--run-dir", run],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.rpartition("PROBE ")[2])
+    assert seen["jax"] == []
+    assert seen["processes"] == 2 and seen["devices_per_process"] == 1
+    assert seen["argv"] == [sys.executable, "-m", "jnn.cli", "train", "--debug", "--processes", "2", "--run-dir", run]
 
 
 @pytest.mark.parametrize("how", ["console", "main"])

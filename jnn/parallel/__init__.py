@@ -12,23 +12,52 @@ global batch:
 Multi-process runs: `initialize()` first, then `shard_batch` builds global batches from each
 process's part (`data_shard(mesh)` says which part). `launch_local` runs N processes on one machine;
 `stop_all_on_failure` makes a failed process exit at once with one line instead of hanging.
-"""
-from jnn.parallel._distributed import (PEER_EXIT_CODE, free_port, initialize, launch_local,
-                                       stop_all_on_failure)
-from jnn.parallel._jit import DataParallelStep, data_parallel
-from jnn.parallel._mesh import (DATA_AXIS, MODEL_AXIS, batch_sharding, data_shard, fsdp_spec,
-                                make_mesh, process_count, process_index, replicate, replicated,
-                                shard_batch, shard_state, state_sharding, to_host)
-from jnn.parallel._pmap import (PMAP_AXIS, PmapStep, pmap_replicate, pmap_shard_batch,
-                                pmap_train_step, pmap_unreplicate)
-from jnn.parallel._shard_map import ShardMapStep, shard_map_train_step
 
-__all__ = [
-    "DATA_AXIS", "MODEL_AXIS", "PEER_EXIT_CODE", "PMAP_AXIS",
-    "DataParallelStep", "PmapStep", "ShardMapStep",
-    "batch_sharding", "data_parallel", "data_shard", "free_port", "fsdp_spec", "initialize",
-    "launch_local", "make_mesh", "pmap_replicate", "pmap_shard_batch", "pmap_train_step",
-    "pmap_unreplicate", "process_count", "process_index", "replicate", "replicated",
-    "shard_batch", "shard_map_train_step", "shard_state", "state_sharding", "stop_all_on_failure",
-    "to_host",
-]
+Each name is imported on first use (PEP 562, as in `jnn`): `launch_local` (the launcher of
+`jnn train --processes N`) comes without JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_NAMES = {
+    "PEER_EXIT_CODE": "_distributed", "initialize": "_distributed", "stop_all_on_failure": "_distributed",
+    "free_port": "_launch", "launch_local": "_launch",
+    "DataParallelStep": "_jit", "data_parallel": "_jit",
+    **dict.fromkeys(("DATA_AXIS", "MODEL_AXIS", "batch_sharding", "data_shard", "fsdp_spec", "make_mesh",
+                     "process_count", "process_index", "replicate", "replicated", "shard_batch", "shard_state",
+                     "state_sharding", "to_host"), "_mesh"),
+    **dict.fromkeys(("PMAP_AXIS", "PmapStep", "pmap_replicate", "pmap_shard_batch", "pmap_train_step",
+                     "pmap_unreplicate"), "_pmap"),
+    "ShardMapStep": "_shard_map", "shard_map_train_step": "_shard_map",
+}
+
+if TYPE_CHECKING:  # what static tools see: the eager imports
+    from jnn.parallel._distributed import PEER_EXIT_CODE, initialize, stop_all_on_failure  # noqa: F401
+    from jnn.parallel._jit import DataParallelStep, data_parallel  # noqa: F401
+    from jnn.parallel._launch import free_port, launch_local  # noqa: F401
+    from jnn.parallel._mesh import (DATA_AXIS, MODEL_AXIS, batch_sharding, data_shard, fsdp_spec,  # noqa: F401
+                                    make_mesh, process_count, process_index, replicate, replicated,
+                                    shard_batch, shard_state, state_sharding, to_host)
+    from jnn.parallel._pmap import (PMAP_AXIS, PmapStep, pmap_replicate, pmap_shard_batch,  # noqa: F401
+                                    pmap_train_step, pmap_unreplicate)
+    from jnn.parallel._shard_map import ShardMapStep, shard_map_train_step  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name on first use."""
+    if name not in _NAMES:
+        raise AttributeError(f"module 'jnn.parallel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"jnn.parallel.{_NAMES[name]}"), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = sorted(_NAMES)

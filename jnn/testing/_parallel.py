@@ -276,7 +276,7 @@ def _in_subprocess(args: dict, timeout: float) -> ParallelReport:
 
     import cloudpickle  # noqa: PLC0415 - grain's dependency; pickles test-local model classes by value
 
-    from jnn.parallel._distributed import with_cpu_devices  # noqa: PLC0415
+    from jnn.parallel._launch import with_cpu_devices  # noqa: PLC0415
 
     args = dict(args, config={name: getattr(jax.config, name) for name in _CONFIG})
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
