@@ -43,11 +43,15 @@ def _varying(key: str) -> bool:
 
 
 # What `jnn train` imports: jnn.experiment, and its writers' matplotlib, tensorboardX and tqdm.
-JNN_TRAIN_IMPORTS = ("jnn.experiment", "matplotlib.figure", "matplotlib.backends.backend_agg", "tensorboardX", "tqdm")
+# tensorboardX as jnn imports it (`jnn.writers.summary_writer`): a plain `import tensorboardX` would
+# also import PyTorch where it is installed, which a `jnn train` process never does.
+JNN_TRAIN_IMPORTS = ("jnn.experiment", "matplotlib.figure", "matplotlib.backends.backend_agg",
+                     "jnn.writers:summary_writer", "tqdm")
 
 
 class Zygote:
-    """Forks processes that have already imported `preload`; a context manager (stops them all)."""
+    """Forks processes that have already imported `preload` (module names; "module:function" also
+    calls that function once imported); a context manager (stops them all)."""
 
     def __init__(self, env: dict, preload: tuple[str, ...]):
         self.env = dict(env)
@@ -197,8 +201,11 @@ def _serve(fd: int, preload: list[str]):
     import importlib
 
     sock = socket.socket(fileno=fd)
-    for name in preload:
-        importlib.import_module(name)
+    for name in preload:  # "module", or "module:function" to call once imported
+        module, _, function = name.partition(":")
+        imported = importlib.import_module(module)
+        if function:
+            getattr(imported, function)()
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():  # forking an XLA client is unsafe: a preload bug

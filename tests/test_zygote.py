@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests._zygote import Zygote
+from tests._zygote import JNN_TRAIN_IMPORTS, Zygote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def zygote():
-    with Zygote(ENV, ("jax", "jnn", "jnn.experiment")) as z:
+    with Zygote(ENV, JNN_TRAIN_IMPORTS) as z:
         yield z
 
 
@@ -72,6 +72,14 @@ def test_a_module_child_sees_what_a_fresh_interpreter_sees(zygote):
     fresh = subprocess.run([sys.executable, "-c", flags], env=ENV, capture_output=True, text=True, timeout=120)
     script = zygote.start([sys.executable, "-c", flags], env=ENV, stdout=subprocess.PIPE)
     assert script.communicate(timeout=60)[0] == fresh.stdout and "xla_force_host_platform_device_count=2" in fresh.stdout
+
+
+def test_a_jnn_train_child_has_imported_what_jnn_train_imports_and_no_more(zygote):
+    """The children of the `jnn train` zygote have tensorboardX's writer, as jnn imports it: without
+    PyTorch (where it is installed, a plain `import tensorboardX` imports it too)."""
+    probe = "import sys; print(sorted(m for m in ('torch', 'tensorboardX.writer', 'matplotlib.figure') if m in sys.modules))"
+    child = zygote.start([sys.executable, "-c", probe], env=ENV, stdout=subprocess.PIPE)
+    assert child.communicate(timeout=60)[0].split() == ["['matplotlib.figure',", "'tensorboardX.writer']"]
 
 
 def test_what_it_cannot_run_as_a_fresh_interpreter_would_is_refused(zygote):
