@@ -1,4 +1,4 @@
-"""Multi-process JAX: `initialize`, `stop_all_on_failure` and a local launcher.
+"""Multi-process JAX: `initialize` and `stop_all_on_failure` (the local launcher is in `_launch`).
 
 How a multi-process run fails, and what each piece here does about it:
 
@@ -10,7 +10,7 @@ How a multi-process run fails, and what each piece here does about it:
   immediate exit with `PEER_EXIT_CODE` (the interpreter's normal exit would wait for JAX's
   shutdown barrier, which the dead peer never reaches). A process that is between collectives is
   aborted by JAX's heartbeat check after `heartbeat_timeout_s` (SIGABRT, JAX's message).
-- `launch_local` owns its children: when one fails it names it and kills the others.
+- `launch_local` (`_launch`) owns its children: when one fails it names it and kills the others.
 """
 from __future__ import annotations
 
