@@ -203,8 +203,11 @@ def _preempt_and_finish(run, cache, rng, processes, zygote):
     for target in sorted(rng.choice(np.arange(50, TRAIN_STEPS - 100, 25), 3 if processes == 1 else 2, replace=False)):
         proc = jnn_train(run, cache, processes=processes, zygote=zygote)
         head = _wait_for_training(proc)
-        while proc.poll() is None and max([s for split, s in _records(run) if split == "train"] + [0]) < target:
-            time.sleep(0.01)  # until it logs a step at or past a random target: the signal lands mid-training
+        # Until this run logs a step at or past the random target, and past the step it resumed from
+        # (the records before it are the previous run's: a fast run can overshoot the next target
+        # before its stop): the signal lands mid-training.
+        while proc.poll() is None and max([s for split, s in _records(run) if split == "train"] + [0]) < max(target, last + 1):
+            time.sleep(0.01)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
