@@ -19,20 +19,21 @@ Each name is imported on first use (PEP 562, as in `jnn`): `launch_local` (the l
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from jnn import _lazy
 
 # public name -> the module that defines it
 _NAMES = {
-    "PEER_EXIT_CODE": "_distributed", "initialize": "_distributed", "stop_all_on_failure": "_distributed",
-    "free_port": "_launch", "launch_local": "_launch",
-    "DataParallelStep": "_jit", "data_parallel": "_jit",
+    **dict.fromkeys(("PEER_EXIT_CODE", "initialize", "stop_all_on_failure"), "jnn.parallel._distributed"),
+    "free_port": "jnn.parallel._launch", "launch_local": "jnn.parallel._launch",
+    "DataParallelStep": "jnn.parallel._jit", "data_parallel": "jnn.parallel._jit",
     **dict.fromkeys(("DATA_AXIS", "MODEL_AXIS", "batch_sharding", "data_shard", "fsdp_spec", "make_mesh",
                      "process_count", "process_index", "replicate", "replicated", "shard_batch", "shard_state",
-                     "state_sharding", "to_host"), "_mesh"),
+                     "state_sharding", "to_host"), "jnn.parallel._mesh"),
     **dict.fromkeys(("PMAP_AXIS", "PmapStep", "pmap_replicate", "pmap_shard_batch", "pmap_train_step",
-                     "pmap_unreplicate"), "_pmap"),
-    "ShardMapStep": "_shard_map", "shard_map_train_step": "_shard_map",
+                     "pmap_unreplicate"), "jnn.parallel._pmap"),
+    "ShardMapStep": "jnn.parallel._shard_map", "shard_map_train_step": "jnn.parallel._shard_map",
 }
 
 if TYPE_CHECKING:  # what static tools see: the eager imports
@@ -47,13 +48,7 @@ if TYPE_CHECKING:  # what static tools see: the eager imports
     from jnn.parallel._shard_map import ShardMapStep, shard_map_train_step  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    """Imports a public name on first use."""
-    if name not in _NAMES:
-        raise AttributeError(f"module 'jnn.parallel' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"jnn.parallel.{_NAMES[name]}"), name)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
+__getattr__ = _lazy.attributes(__name__, _NAMES, globals())
 
 
 def __dir__() -> list[str]:
